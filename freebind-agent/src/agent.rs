@@ -1,0 +1,178 @@
+//! A foreground agent: one attachment, its address watch and its event stream, served
+//! until the caller's future completes.
+use std::{
+    future::Future,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    addrwatch::{ifname, AddrChange, AddrWatch, Transition},
+    cgroup::cgroup_id,
+    kernel,
+    loader::{Attachment, Logger},
+    locality::Locality,
+    policy::Policy,
+    report,
+};
+
+pub struct Agent {
+    // Field order is drop order: detach the programs first.
+    _attachment: Attachment,
+    events: AsyncFd<RingBuf<MapData>>,
+    events_dropped: PerCpuArray<MapData, u64>,
+    dropped_seen: u64,
+    logger: Option<AsyncFd<Logger>>,
+    watch: AddrWatch,
+    locality: Locality,
+    cgroup: PathBuf,
+}
+
+impl Agent {
+    /// Loads, fills the locality map from a dump of the namespace's addresses, then
+    /// attaches: a bind is never judged against an empty map.
+    pub fn start(cgroup: &Path, policy: &Policy) -> Result<Self> {
+        let (mut attachment, maps) = Attachment::load(policy)?;
+        let watch = AddrWatch::open()?;
+        let netns_cookie = kernel::netns_cookie(watch.raw_fd())?;
+        let mut locality = Locality::new(maps.local_addrs, netns_cookie);
+        locality.resync(&AddrWatch::dump()?)?;
+        attachment.attach(cgroup)?;
+        let id = cgroup_id(cgroup)?;
+        log::info!(
+            "attached to cgroup {} (id {id}); may bind while not local: {policy}",
+            cgroup.display()
+        );
+        let logger = attachment
+            .take_logger()
+            // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
+            .map(|l| unsafe { AsyncFd::register(l) })
+            .transpose()
+            .context("registering the eBPF log reader")?;
+        Ok(Self {
+            _attachment: attachment,
+            // SAFETY: as above, the RingBuf owns its map fd.
+            events: unsafe { AsyncFd::register(maps.events) }
+                .context("registering the event ring buffer")?,
+            events_dropped: maps.events_dropped,
+            dropped_seen: 0,
+            logger,
+            watch,
+            locality,
+            cgroup: cgroup.to_path_buf(),
+        })
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Serves until `stop` completes and returns its output.
+    pub async fn serve_until<F: Future>(&mut self, stop: F) -> Result<F::Output> {
+        tokio::pin!(stop);
+        loop {
+            let logger_ready = async {
+                match &self.logger {
+                    Some(l) => l.readable().await.map(|mut g| g.clear_ready()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut stop => {
+                    self.drain_events();
+                    return Ok(out);
+                }
+                guard = self.events.readable_mut() => {
+                    let mut guard = guard.context("waiting on the event ring buffer")?;
+                    guard.clear_ready();
+                    self.drain_events();
+                }
+                changes = self.watch.next() => self.on_addr_changes(changes?)?,
+                _ = logger_ready => {
+                    if let Some(l) = self.logger.as_mut() {
+                        l.get_mut().flush();
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let ring = self.events.get_mut();
+        while let Some(item) = ring.next() {
+            match report::decode(&item) {
+                Some(ev) => {
+                    let (level, line) = report::describe(&ev);
+                    log::log!(level, "{line}");
+                }
+                None => log::warn!("undecodable bind event of {} bytes", item.len()),
+            }
+        }
+        let dropped: u64 = self
+            .events_dropped
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0);
+        if dropped > self.dropped_seen {
+            log::warn!(
+                "{} bind events lost: the event ring buffer was full (the binds themselves were decided as usual)",
+                dropped - self.dropped_seen
+            );
+            self.dropped_seen = dropped;
+        }
+    }
+
+    fn on_addr_changes(&mut self, changes: Option<Vec<AddrChange>>) -> Result<()> {
+        let Some(changes) = changes else {
+            log::warn!("rtnetlink dropped address notifications; re-reading every address");
+            for (addr, t) in self.locality.resync(&AddrWatch::dump()?)? {
+                log_transition(addr, t, None);
+            }
+            return Ok(());
+        };
+        for change in changes {
+            let (a, verb) = match change {
+                AddrChange::New(a) => (a, "added to"),
+                AddrChange::Del(a) => (a, "removed from"),
+            };
+            match self.locality.apply(change)? {
+                Some(t) => log_transition(a.addr, t, Some((verb, &ifname(a.ifindex)))),
+                None if matches!(change, AddrChange::New(_)) && !a.usable => log::info!(
+                    "address {} on {} is tentative (IPv6 DAD running): not local yet",
+                    a.addr,
+                    ifname(a.ifindex)
+                ),
+                None => log::debug!(
+                    "address {} {verb} {}: no change in locality",
+                    a.addr,
+                    ifname(a.ifindex)
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_transition(addr: std::net::IpAddr, t: Transition, how: Option<(&str, &str)>) {
+    let how = how
+        .map(|(verb, ifname)| format!(" ({verb} {ifname})"))
+        .unwrap_or_default();
+    match t {
+        Transition::BecameLocal => log::info!("address {addr} is now local{how}"),
+        Transition::NoLongerLocal => log::info!("address {addr} is no longer local{how}"),
+    }
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("cgroup", &self.cgroup)
+            .field("watch_fd", &self.watch.raw_fd())
+            .field("events_fd", &self.events.get_ref().as_raw_fd())
+            .finish()
+    }
+}

@@ -1,0 +1,285 @@
+//! What the agent needs from the running kernel and process, checked before anything is
+//! changed, so that a missing piece is named instead of surfacing as a verifier error.
+use std::{fs, io, mem, os::fd::RawFd};
+
+use anyhow::{bail, Context as _, Result};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Refuses to go on without the capabilities that loading and attaching cgroup programs
+/// take: CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN, which kernels before 5.8 require) and
+/// CAP_NET_ADMIN.
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_SYS_ADMIN) && !has(CAP_BPF) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_SYS_ADMIN) && !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !missing.is_empty() {
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        bail!(
+            "freebind-agent must run as root: uid {uid} lacks {}",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it (best effort).
+pub fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain setrlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("setrlimit(RLIMIT_MEMLOCK): {}", io::Error::last_os_error());
+    }
+}
+
+// Kernel ABI numbers (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const PROG_CGROUP_SOCK_ADDR: u32 = 18;
+const PROG_CGROUP_SOCKOPT: u32 = 25;
+const ATTACH_INET4_BIND: u32 = 8;
+const ATTACH_SETSOCKOPT: u32 = 22;
+const MAP_LPM_TRIE: u32 = 11;
+const MAP_RINGBUF: u32 = 27;
+
+/// A program type with the attach type freebind uses it with.
+#[derive(Clone, Copy)]
+struct Hook {
+    name: &'static str,
+    prog_type: u32,
+    attach_type: u32,
+    since: &'static str,
+}
+
+const BIND4: Hook = Hook {
+    name: "cgroup/bind4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    prog_type: PROG_CGROUP_SOCK_ADDR,
+    attach_type: ATTACH_INET4_BIND,
+    since: "4.17",
+};
+const SETSOCKOPT: Hook = Hook {
+    name: "cgroup/setsockopt (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
+    prog_type: PROG_CGROUP_SOCKOPT,
+    attach_type: ATTACH_SETSOCKOPT,
+    since: "5.3",
+};
+
+/// (hook, helper name, helper id, the Linux release that brought it there when known)
+const HELPERS: &[(Hook, &str, i32, &str)] = &[
+    (SETSOCKOPT, "bpf_setsockopt", 49, "a newer kernel"),
+    (SETSOCKOPT, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (BIND4, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (BIND4, "bpf_get_netns_cookie", 122, "Linux 5.7 or later"),
+    (BIND4, "bpf_set_retval", 187, "Linux 5.18 or later"),
+    (BIND4, "bpf_ringbuf_reserve", 131, "Linux 5.8 or later"),
+    (BIND4, "bpf_get_current_comm", 16, "a newer kernel"),
+    (BIND4, "bpf_get_current_cgroup_id", 80, "a newer kernel"),
+];
+
+const MAPS: &[(&str, u32, u32, u32, u32, u32, &str)] = &[
+    // name, type, key size, value size, max entries, flags (BPF_F_NO_PREALLOC = 1), since
+    ("BPF_MAP_TYPE_LPM_TRIE", MAP_LPM_TRIE, 8, 1, 1, 1, "4.11"),
+    (
+        "BPF_MAP_TYPE_RINGBUF",
+        MAP_RINGBUF,
+        0,
+        0,
+        4096,
+        0,
+        "Linux 5.8 or later",
+    ),
+];
+
+/// Checks every program type, helper and map type freebind loads, naming the first one
+/// this kernel lacks.
+pub fn check_features() -> Result<()> {
+    for hook in [BIND4, SETSOCKOPT] {
+        if !probe_program(hook, None)? {
+            bail!(
+                "this kernel lacks the {} program type (Linux {} or later)",
+                hook.name,
+                hook.since
+            );
+        }
+    }
+    for &(hook, helper, id, since) in HELPERS {
+        if !probe_program(hook, Some(id))? {
+            bail!(
+                "this kernel does not allow {helper} in {} programs (needs {since})",
+                hook.name
+            );
+        }
+    }
+    for &(name, ty, key, value, max, flags, since) in MAPS {
+        if !probe_map(ty, key, value, max, flags) {
+            bail!("this kernel lacks {name} maps (Linux {since} or later)");
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
+    // SAFETY: attr points to a live, correctly sized bpf_attr prefix.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as u32) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as RawFd)
+    }
+}
+
+/// Loads `r0 = 1; exit` (or `call helper; r0 = 1; exit`) for the hook. The same strategy as
+/// libbpf: a verifier message about the helper's id means it is unknown there; any other
+/// verifier complaint (the probe passes no valid arguments) means it is known.
+fn probe_program(hook: Hook, helper: Option<i32>) -> Result<bool> {
+    // BPF_JMP|BPF_CALL = 0x85, BPF_ALU64|BPF_MOV|BPF_K = 0xb7 (dst r0), BPF_JMP|BPF_EXIT = 0x95.
+    let mut insns: Vec<u64> = Vec::new();
+    if let Some(id) = helper {
+        insns.push(0x85 | (u64::from(id as u32) << 32));
+    }
+    insns.push(0xb7 | (1u64 << 32));
+    insns.push(0x95);
+    let mut log = vec![0u8; 4096];
+    let attr = ProgLoadAttr {
+        prog_type: hook.prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: c"GPL".as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type: hook.attach_type,
+        ..Default::default()
+    };
+    match bpf(
+        BPF_PROG_LOAD,
+        (&attr as *const ProgLoadAttr).cast(),
+        mem::size_of::<ProgLoadAttr>(),
+    ) {
+        Ok(fd) => {
+            // SAFETY: we own the fd just returned.
+            unsafe { libc::close(fd) };
+            Ok(true)
+        }
+        Err(e) => {
+            let text = String::from_utf8_lossy(&log);
+            if helper.is_some()
+                && ["invalid func ", "unknown func ", "cannot use helper "]
+                    .iter()
+                    .any(|m| text.contains(m))
+            {
+                return Ok(false);
+            }
+            match e.raw_os_error() {
+                Some(libc::EINVAL | libc::E2BIG) if text.trim_matches('\0').is_empty() => Ok(false),
+                Some(libc::EPERM) => Err(e).context(
+                    "probing the kernel's BPF support (bpf() refused: missing privileges?)",
+                ),
+                _ if helper.is_some() => Ok(true),
+                _ => Err(e).with_context(|| format!("probing {}", hook.name)),
+            }
+        }
+    }
+}
+
+fn probe_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> bool {
+    let attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+    };
+    match bpf(
+        BPF_MAP_CREATE,
+        (&attr as *const MapCreateAttr).cast(),
+        mem::size_of::<MapCreateAttr>(),
+    ) {
+        Ok(fd) => {
+            // SAFETY: we own the fd just returned.
+            unsafe { libc::close(fd) };
+            true
+        }
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+    }
+}
+
+/// The cookie of the network namespace `fd` lives in (`SO_NETNS_COOKIE`, Linux 5.14); the
+/// bind hooks key locality with `bpf_get_netns_cookie()`, which returns the same value.
+pub fn netns_cookie(fd: RawFd) -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the stated size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            bail!("this kernel lacks SO_NETNS_COOKIE (Linux 5.14 or later)");
+        }
+        return Err(e).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}

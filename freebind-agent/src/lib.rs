@@ -1,0 +1,14 @@
+//! freebind's agent: gives every socket of a cgroup's processes `IP_FREEBIND` semantics
+//! with eBPF programs it loads, attaches, configures and watches.
+//!
+//! The binary is a thin CLI over [`commands`].
+pub mod addrwatch;
+pub mod agent;
+pub mod cgroup;
+pub mod commands;
+pub mod exec;
+pub mod kernel;
+pub mod loader;
+pub mod locality;
+pub mod policy;
+pub mod report;

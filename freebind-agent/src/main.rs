@@ -1,0 +1,108 @@
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// Gives every socket of a cgroup's processes IP_FREEBIND semantics, so services can bind
+/// addresses that are not (yet) configured.
+#[derive(Debug, Parser)]
+#[command(name = "freebind-agent", version, about)]
+struct Cli {
+    /// More detail in the logs (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach to an existing cgroup v2 directory and serve it in the foreground until
+    /// SIGINT or SIGTERM, which detach.
+    Run {
+        /// The cgroup: relative to the cgroup v2 mount, or an absolute path below it.
+        #[arg(long, env = "FREEBIND_CGROUP", value_name = "PATH")]
+        cgroup: PathBuf,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Run CMD in a transient cgroup under freebind; exit with CMD's status.
+    Exec {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PolicyArgs {
+    /// A prefix that may be bound while not local (repeatable; default: any address).
+    #[arg(
+        long = "allow",
+        env = "FREEBIND_ALLOW",
+        value_delimiter = ',',
+        value_name = "PREFIX"
+    )]
+    allow: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("FREEBIND_LOG")
+        .format_target(false)
+        .init();
+
+    let result = match &cli.command {
+        Command::Run { cgroup, policy } => {
+            freebind_agent::commands::run(cgroup, &policy.allow).map(|()| 0)
+        }
+        Command::Exec { policy, cmd } => freebind_agent::commands::exec(cmd, &policy.allow),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("freebind-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_takes_everything_after_the_separator() {
+        let cli = Cli::try_parse_from([
+            "freebind-agent",
+            "exec",
+            "--allow",
+            "192.0.2.0/24",
+            "--",
+            "socat",
+            "-v",
+            "x",
+        ])
+        .unwrap();
+        let Command::Exec { policy, cmd } = cli.command else {
+            panic!()
+        };
+        assert_eq!(policy.allow, ["192.0.2.0/24"]);
+        assert_eq!(cmd, ["socat", "-v", "x"]);
+    }
+}

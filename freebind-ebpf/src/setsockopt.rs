@@ -1,0 +1,159 @@
+//! `cgroup/setsockopt`: native mode.
+//!
+//! The kernel refuses `IP_FREEBIND` from `bpf_setsockopt()`, but lets this hook rewrite
+//! the syscall it is looking at. So on a socket's first setsockopt() whose option
+//! `bpf_setsockopt()` can apply, the program applies the application's option itself and
+//! turns the syscall into `IP_FREEBIND = 1` (`IPV6_FREEBIND` on AF_INET6), which the
+//! kernel then performs through its normal path.
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
+    macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
+use aya_log_ebpf::debug;
+use freebind_common::{sock_flags, SockState, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::maps::SOCK_STATE;
+
+const SOL_IP: i32 = 0;
+const SOL_SOCKET: i32 = 1;
+const SOL_TCP: i32 = 6;
+const SOL_IPV6: i32 = 41;
+
+const IP_TOS: i32 = 1;
+const IP_FREEBIND: i32 = 15;
+const IP_TRANSPARENT: i32 = 19;
+const IPV6_TCLASS: i32 = 67;
+const IPV6_TRANSPARENT: i32 = 75;
+const IPV6_FREEBIND: i32 = 78;
+
+const SO_REUSEADDR: i32 = 2;
+const SO_KEEPALIVE: i32 = 9;
+const SO_SNDBUF: i32 = 7;
+const SO_RCVBUF: i32 = 8;
+const SO_REUSEPORT: i32 = 15;
+const SO_RCVLOWAT: i32 = 18;
+
+/// Options the program may apply on the application's behalf: integers that
+/// `bpf_setsockopt()` accepts (measured on 6.18) and whose kernel path has no capability
+/// check. `bpf_setsockopt()` skips `ns_capable()` (`sockopt_ns_capable()` returns true in
+/// a BPF context), so SO_PRIORITY, SO_MARK and SO_BINDTOIFINDEX are deliberately absent:
+/// applying them here would let an unprivileged process do what the kernel refuses it.
+#[inline(always)]
+fn can_apply(level: i32, optname: i32) -> bool {
+    match level {
+        SOL_SOCKET => matches!(
+            optname,
+            SO_REUSEADDR | SO_REUSEPORT | SO_KEEPALIVE | SO_SNDBUF | SO_RCVBUF | SO_RCVLOWAT
+        ),
+        // TCP_NODELAY, TCP_MAXSEG, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_SYNCNT,
+        // TCP_WINDOW_CLAMP (10), TCP_USER_TIMEOUT (18), TCP_NOTSENT_LOWAT (25).
+        SOL_TCP => matches!(optname, 1 | 2 | 4..=7 | 10 | 18 | 25),
+        SOL_IP => optname == IP_TOS,
+        SOL_IPV6 => optname == IPV6_TCLASS,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn is_freebind_option(level: i32, optname: i32) -> bool {
+    (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
+        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT))
+}
+
+#[cgroup_sockopt(setsockopt)]
+pub fn fb_setsockopt(ctx: SockoptContext) -> i32 {
+    // 1 = let the (possibly rewritten) call proceed. This program never blocks a call.
+    let _ = try_setsockopt(&ctx);
+    1
+}
+
+fn try_setsockopt(ctx: &SockoptContext) -> Result<(), ()> {
+    // SAFETY: the kernel hands the hook a valid `bpf_sockopt`.
+    let so = unsafe { &mut *ctx.sockopt };
+    let sk = unsafe { so.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return Err(());
+    }
+    // SAFETY: `sk` is a full socket checked non-null above.
+    let (family, protocol) = unsafe { ((*sk).family, (*sk).protocol) };
+    if (family != AF_INET as u32 && family != AF_INET6 as u32)
+        || (protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32)
+    {
+        return Err(());
+    }
+    let level = so.level;
+    let optname = so.optname;
+    let optlen = so.optlen;
+
+    // SAFETY: SOCK_STATE is an sk_storage map; `sk` is a full socket.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast::<SockState>();
+    if state.is_null() {
+        return Err(());
+    }
+    // SAFETY: non-null storage returned by the kernel, sized for SockState.
+    let state = unsafe { &mut *state };
+    if state.flags & (sock_flags::NATIVE | sock_flags::APP_FREEBIND) != 0 {
+        return Ok(());
+    }
+    if is_freebind_option(level, optname) {
+        // The application manages freebind/transparent itself: never touch this socket.
+        state.flags |= sock_flags::APP_FREEBIND;
+        return Ok(());
+    }
+    if optlen != 4 || !can_apply(level, optname) {
+        return Ok(());
+    }
+
+    let optval = unsafe { so.__bindgen_anon_2.optval }.cast::<u8>();
+    let optval_end = unsafe { so.__bindgen_anon_3.optval_end }.cast::<u8>();
+    // The verifier only lets the program touch optval after this comparison.
+    if optval.is_null() || (optval as usize + 4) > optval_end as usize {
+        return Err(());
+    }
+    // SAFETY: bounds checked above; the kernel's copy of the user buffer.
+    let mut value: i32 = unsafe { ptr::read_unaligned(optval.cast::<i32>()) };
+    let ret = unsafe {
+        bpf_setsockopt(
+            sk.cast(),
+            level,
+            optname,
+            ptr::addr_of_mut!(value).cast::<c_void>(),
+            4,
+        )
+    };
+    if ret != 0 {
+        // Not rewritten: the kernel runs the application's call and returns its own error.
+        return Ok(());
+    }
+
+    let (new_level, new_optname) = if family == AF_INET6 as u32 {
+        (SOL_IPV6, IPV6_FREEBIND)
+    } else {
+        (SOL_IP, IP_FREEBIND)
+    };
+    // Volatile: LLVM otherwise merges the two adjacent 32-bit stores into one 64-bit store
+    // to the context, which the verifier rejects ("invalid bpf_context access").
+    unsafe {
+        ptr::write_volatile(ptr::addr_of_mut!(so.level), new_level);
+        ptr::write_volatile(ptr::addr_of_mut!(so.optname), new_optname);
+        ptr::write_unaligned(optval.cast::<i32>(), 1);
+    }
+    state.flags |= sock_flags::NATIVE;
+    debug!(
+        ctx,
+        "native mode: applied option {}/{} and turned the call into freebind", level, optname
+    );
+    Ok(())
+}
