@@ -18,6 +18,8 @@ use freebind_common::{sock_flags, SockState, AF_INET, AF_INET6, IPPROTO_TCP, IPP
 
 use crate::maps::SOCK_STATE;
 
+const TCP_CLOSE: u32 = 7;
+
 const SOL_IP: i32 = 0;
 const SOL_SOCKET: i32 = 1;
 const SOL_TCP: i32 = 6;
@@ -83,6 +85,12 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     if (family != AF_INET as u32 && family != AF_INET6 as u32)
         || (protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32)
     {
+        return Err(());
+    }
+    // Only fresh sockets: an accepted or connected socket's setsockopt (TCP_NODELAY on
+    // every accepted connection) must not pay for a storage entry it has no use for.
+    // TCP_CLOSE (7) is also the state of an unconnected UDP socket.
+    if unsafe { (*sk).state } != TCP_CLOSE {
         return Err(());
     }
     let level = so.level;
