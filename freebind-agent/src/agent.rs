@@ -50,7 +50,7 @@ impl Agent {
         let logger = attachment
             .take_logger()
             // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
-            .map(|l| unsafe { AsyncFd::register(l) })
+            .map(|l| unsafe { AsyncFd::register(l) }.map_err(|e| e.into_parts().1))
             .transpose()
             .context("registering the eBPF log reader")?;
         Ok(Self {

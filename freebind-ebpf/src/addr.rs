@@ -83,7 +83,7 @@ impl Addr {
         let family = if self.is_v4 { AF_INET } else { AF_INET6 };
         let key = LocalAddrKey::new(netns_cookie, family, self.bytes);
         // SAFETY: the value is only tested for presence, never read after a concurrent delete.
-        unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+        unsafe { LOCAL_ADDRS.get(key) }.is_some()
     }
 
     /// Does the attachment's policy allow binding this address while it is not local?

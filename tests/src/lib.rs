@@ -21,6 +21,7 @@ mod cgroup;
 mod client;
 mod netns;
 mod process;
+pub mod scenario;
 mod tools;
 mod util;
 

@@ -1,0 +1,454 @@
+//! Native mode end to end: real servers started in the managed cgroup before their address
+//! exists, real traffic from a client namespace across address add / remove / re-add.
+use std::{fs, time::Duration};
+
+use freebind_e2e::{
+    add_addr6, addr6_tentative, bpf_programs_attached, ensure_tools, http_get, require_root,
+    run_in,
+    scenario::{serves_across_address_flap, try_bind, wait_listening, EADDRNOTAVAIL, SETTLE},
+    spawn_in, tcp_request, udp_request, unique_name, wait_until, Agent, Cgroup, Link,
+};
+
+const TOKIO_SERVER: &str = env!("CARGO_BIN_EXE_freebind-tokio-server");
+
+/// A link, a cgroup and an agent serving that cgroup in the server's namespace.
+fn managed(extra_args: &[&str]) -> (Link, Cgroup, Agent) {
+    ensure_tools();
+    let link = Link::new();
+    let cgroup = Cgroup::new("fb-native");
+    let agent = Agent::run(&link.server, &cgroup, extra_args);
+    (link, cgroup, agent)
+}
+
+#[test]
+fn python_http_server_bound_before_its_ipv4_address_exists_serves_across_remove_and_readd() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, agent) = managed(&[]);
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "192.0.2.10",
+        ],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:8080", &server);
+    serves_across_address_flap(&link, "192.0.2.10/24", &server, "Directory listing", || {
+        http_get(&link.client, "192.0.2.10", 8080, "/").map(|(_, body)| body)
+    });
+    assert!(
+        agent.log().contains("bind 192.0.2.10:8080/tcp by python3"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("freebind"), "{}", agent.log());
+}
+
+#[test]
+fn python_http_server_bound_before_its_ipv6_address_exists_serves_across_remove_and_readd() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, _agent) = managed(&[]);
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "2001:db8::10",
+        ],
+    );
+    wait_listening(&link.server, "tcp", "[2001:db8::10]:8080", &server);
+    serves_across_address_flap(
+        &link,
+        "2001:db8::10/64",
+        &server,
+        "Directory listing",
+        || http_get(&link.client, "2001:db8::10", 8080, "/").map(|(_, body)| body),
+    );
+}
+
+#[test]
+fn nginx_started_before_its_address_exists_serves_across_remove_and_readd() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, _agent) = managed(&[]);
+    let dir = std::env::temp_dir().join(unique_name("fb-nginx"));
+    fs::create_dir_all(dir.join("logs")).unwrap();
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\n\
+             events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             server {{ listen 192.0.2.10:8081; listen [2001:db8::10]:8081; location / {{ return 200 \"nginx ok\\n\"; }} }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let conf_s = conf.to_string_lossy().into_owned();
+    let prefix = format!("{}/", dir.display());
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &["nginx", "-p", &prefix, "-c", &conf_s],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:8081", &server);
+    wait_listening(&link.server, "tcp", "[2001:db8::10]:8081", &server);
+    serves_across_address_flap(&link, "192.0.2.10/24", &server, "nginx ok", || {
+        http_get(&link.client, "192.0.2.10", 8081, "/").map(|(_, body)| body)
+    });
+    serves_across_address_flap(&link, "2001:db8::10/64", &server, "nginx ok", || {
+        http_get(&link.client, "2001:db8::10", 8081, "/").map(|(_, body)| body)
+    });
+    drop(server);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tokio_tcp_listener_under_exec_serves_across_remove_and_readd() {
+    if !require_root() {
+        return;
+    }
+    ensure_tools();
+    let link = Link::new();
+    // `exec` inside the server's namespace: the transient cgroup, the agent and the server
+    // all come from one command, as an operator would try it.
+    let agent = freebind_e2e::agent_path();
+    let agent = agent.to_string_lossy();
+    let server = spawn_in(
+        &link.server,
+        None,
+        &[&agent, "exec", "--", TOKIO_SERVER, "192.0.2.10:8082"],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:8082", &server);
+    serves_across_address_flap(&link, "192.0.2.10/24", &server, "tokio ok", || {
+        tcp_request(&link.client, "192.0.2.10", 8082, b"")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    });
+}
+
+const UDP_ECHO_REUSEADDR: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"echo:" + data, peer)
+"#;
+
+#[test]
+fn udp_server_setting_reuseaddr_before_bind_answers_from_its_address_across_remove_and_readd() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, _agent) = managed(&[]);
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &["python3", "-c", UDP_ECHO_REUSEADDR, "192.0.2.10", "5300"],
+    );
+    wait_listening(&link.server, "udp", "192.0.2.10:5300", &server);
+    serves_across_address_flap(
+        &link,
+        "192.0.2.10/24",
+        &server,
+        "echo:ping from 192.0.2.10",
+        || {
+            udp_request(&link.client, "192.0.2.10", 5300, b"ping")
+                .map(|(reply, from)| format!("{} from {from}", String::from_utf8_lossy(&reply)))
+        },
+    );
+}
+
+#[test]
+fn a_process_outside_the_cgroup_still_gets_eaddrnotavail() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, _agent) = managed(&[]);
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.10", 8080, true),
+        Ok(())
+    );
+    assert_eq!(
+        try_bind(&link.server, None, "tcp", "192.0.2.10", 8080, true),
+        Err(EADDRNOTAVAIL)
+    );
+    assert_eq!(
+        try_bind(&link.server, None, "udp", "2001:db8::10", 8080, true),
+        Err(EADDRNOTAVAIL)
+    );
+}
+
+#[test]
+fn allow_policy_admits_its_prefix_and_refuses_others_with_eaddrnotavail() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, agent) = managed(&["--allow", "192.0.2.0/24"]);
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.20", 8080, true),
+        Ok(())
+    );
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "udp", "192.0.2.21", 8080, true),
+        Ok(())
+    );
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "tcp",
+            "203.0.113.5",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "tcp",
+            "2001:db8::5",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+    // The same address written v4-mapped on an AF_INET6 socket is judged as IPv4.
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "tcp",
+            "::ffff:203.0.113.5",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "tcp",
+            "::ffff:192.0.2.22",
+            8080,
+            true
+        ),
+        Ok(())
+    );
+    // Addresses that are local bind as ever, policy or not.
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "127.0.0.1", 0, true),
+        Ok(())
+    );
+    wait_until("the refusal is logged", Duration::from_secs(5), || {
+        agent.log().contains("bind 203.0.113.5:8080/tcp by python3")
+    });
+    assert!(agent.log().contains("refused"), "{}", agent.log());
+}
+
+const OPTIONS_PY: &str = r#"
+import json, socket
+T, IP, SOL = socket.IPPROTO_TCP, socket.SOL_IP, socket.SOL_SOCKET
+IP_FREEBIND, TCP_MAXSEG = 15, socket.TCP_MAXSEG
+r = {}
+s = socket.socket()
+s.setsockopt(SOL, socket.SO_REUSEADDR, 1)
+s.setsockopt(SOL, socket.SO_REUSEPORT, 1)
+s.setsockopt(T, socket.TCP_NODELAY, 1)
+r["reuseaddr"] = s.getsockopt(SOL, socket.SO_REUSEADDR)
+r["reuseport"] = s.getsockopt(SOL, socket.SO_REUSEPORT)
+r["nodelay"] = s.getsockopt(T, socket.TCP_NODELAY)
+r["freebind"] = s.getsockopt(IP, IP_FREEBIND)
+t = socket.socket()
+try:
+    t.setsockopt(T, TCP_MAXSEG, 1)
+    r["invalid_errno"] = 0
+except OSError as e:
+    r["invalid_errno"] = e.errno
+r["freebind_after_invalid"] = t.getsockopt(IP, IP_FREEBIND)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(SOL, socket.SO_REUSEADDR, 0)
+r["v6_udp_reuseaddr_zero"] = u.getsockopt(SOL, socket.SO_REUSEADDR)
+r["v6_udp_freebind"] = u.getsockopt(socket.IPPROTO_IPV6, 78)
+v = socket.socket()
+v.setsockopt(IP, IP_FREEBIND, 0)
+v.setsockopt(SOL, socket.SO_REUSEADDR, 1)
+r["app_freebind_off_stays_off"] = v.getsockopt(IP, IP_FREEBIND)
+print(json.dumps(r, sort_keys=True))
+"#;
+
+#[test]
+fn the_apps_own_options_keep_their_values_and_an_invalid_one_still_fails() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, _agent) = managed(&[]);
+    let run = |cg| {
+        let out = run_in(&link.server, cg, &["python3", "-c", OPTIONS_PY]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let managed = run(Some(&cgroup));
+    let plain = run(None);
+    let get = |json: &str, key: &str| -> i64 {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v[key]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{key} missing in {json}"))
+    };
+    for key in ["reuseaddr", "reuseport", "nodelay"] {
+        assert_eq!(get(&managed, key), 1, "{key}: {managed}");
+    }
+    assert_eq!(get(&managed, "freebind"), 1, "{managed}");
+    assert_eq!(get(&plain, "freebind"), 0, "{plain}");
+    // The kernel's own error, exactly as without freebind, and the socket left alone.
+    assert_eq!(
+        get(&managed, "invalid_errno"),
+        libc::EINVAL as i64,
+        "{managed}"
+    );
+    assert_eq!(get(&managed, "invalid_errno"), get(&plain, "invalid_errno"));
+    assert_eq!(get(&managed, "freebind_after_invalid"), 0, "{managed}");
+    assert_eq!(get(&managed, "v6_udp_reuseaddr_zero"), 0, "{managed}");
+    assert_eq!(get(&managed, "v6_udp_freebind"), 1, "{managed}");
+    assert_eq!(get(&managed, "app_freebind_off_stays_off"), 0, "{managed}");
+}
+
+#[test]
+fn an_ipv6_address_still_in_dad_binds_under_the_agent_and_serves_once_dad_completes() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, agent) = managed(&[]);
+    // Five probes one second apart: the address stays tentative long enough to test.
+    let sysctl = format!("net.ipv6.conf.{}.dad_transmits=5", link.server_if);
+    link.server.exec(&["sysctl", "-qw", &sysctl]);
+    add_addr6(&link.server, &link.server_if, "2001:db8::20/64", false);
+    assert!(addr6_tentative(
+        &link.server,
+        &link.server_if,
+        "2001:db8::20"
+    ));
+    assert_eq!(
+        try_bind(&link.server, None, "tcp", "2001:db8::20", 8080, true),
+        Err(EADDRNOTAVAIL),
+        "tentative is not local"
+    );
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "2001:db8::20",
+        ],
+    );
+    wait_listening(&link.server, "tcp", "[2001:db8::20]:8080", &server);
+    assert!(
+        addr6_tentative(&link.server, &link.server_if, "2001:db8::20"),
+        "DAD ended before the test could bind during it"
+    );
+    assert!(agent.log().contains("tentative"), "{}", agent.log());
+    wait_until("DAD completes", SETTLE, || {
+        !addr6_tentative(&link.server, &link.server_if, "2001:db8::20")
+    });
+    wait_until(
+        "the server answers on its formerly tentative address",
+        SETTLE,
+        || http_get(&link.client, "2001:db8::20", 8080, "/").is_ok(),
+    );
+    assert!(
+        agent.log().contains("address 2001:db8::20 is now local"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn after_the_agent_stops_new_sockets_are_ordinary_and_existing_ones_keep_serving() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, agent) = managed(&[]);
+    let server = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "192.0.2.10",
+        ],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:8080", &server);
+    assert_eq!(bpf_programs_attached(&cgroup).len(), 3);
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert!(agent.log().contains("detached"), "{}", agent.log());
+    assert_eq!(
+        bpf_programs_attached(&cgroup),
+        vec![],
+        "the kernel still lists programs"
+    );
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.11", 8080, true),
+        Err(EADDRNOTAVAIL)
+    );
+    freebind_e2e::scenario::add_server_addr(&link, "192.0.2.10/24");
+    wait_until(
+        "the server bound under the agent still serves",
+        SETTLE,
+        || http_get(&link.client, "192.0.2.10", 8080, "/").is_ok(),
+    );
+}
+
+#[test]
+fn a_second_attachment_on_the_same_cgroup_coexists_and_outlives_the_first() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, first) = managed(&[]);
+    let second = Agent::run(&link.server, &cgroup, &[]);
+    let attached = bpf_programs_attached(&cgroup);
+    assert_eq!(attached.len(), 6, "{attached:?}");
+    assert!(first.stop().success());
+    let attached = bpf_programs_attached(&cgroup);
+    assert_eq!(attached.len(), 3, "{attached:?}");
+    for name in ["fb_bind4", "fb_bind6", "fb_setsockopt"] {
+        assert!(
+            attached.iter().any(|(_, n)| n == name),
+            "{name} missing: {attached:?}"
+        );
+    }
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.10", 8080, true),
+        Ok(())
+    );
+    drop(second);
+}
