@@ -4,6 +4,7 @@ use std::{
     future::Future,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -20,10 +21,14 @@ use crate::{
     report,
 };
 
+/// The bind hooks submit events without waking the agent (see bind.rs); it drains them
+/// this often. 256 KiB of ring holds about 4,000 events: 80,000 binds/s before any drop.
+const EVENT_DRAIN_PERIOD: Duration = Duration::from_millis(50);
+
 pub struct Agent {
     // Field order is drop order: detach the programs first.
     _attachment: Attachment,
-    events: AsyncFd<RingBuf<MapData>>,
+    events: RingBuf<MapData>,
     events_dropped: PerCpuArray<MapData, u64>,
     dropped_seen: u64,
     logger: Option<AsyncFd<Logger>>,
@@ -55,9 +60,7 @@ impl Agent {
             .context("registering the eBPF log reader")?;
         Ok(Self {
             _attachment: attachment,
-            // SAFETY: as above, the RingBuf owns its map fd.
-            events: unsafe { AsyncFd::register(maps.events) }
-                .context("registering the event ring buffer")?,
+            events: maps.events,
             events_dropped: maps.events_dropped,
             dropped_seen: 0,
             logger,
@@ -74,6 +77,8 @@ impl Agent {
     /// Serves until `stop` completes and returns its output.
     pub async fn serve_until<F: Future>(&mut self, stop: F) -> Result<F::Output> {
         tokio::pin!(stop);
+        let mut drain = tokio::time::interval(EVENT_DRAIN_PERIOD);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let logger_ready = async {
                 match &self.logger {
@@ -86,11 +91,7 @@ impl Agent {
                     self.drain_events();
                     return Ok(out);
                 }
-                guard = self.events.readable_mut() => {
-                    let mut guard = guard.context("waiting on the event ring buffer")?;
-                    guard.clear_ready();
-                    self.drain_events();
-                }
+                _ = drain.tick() => self.drain_events(),
                 changes = self.watch.next() => self.on_addr_changes(changes?)?,
                 _ = logger_ready => {
                     if let Some(l) = self.logger.as_mut() {
@@ -102,8 +103,7 @@ impl Agent {
     }
 
     fn drain_events(&mut self) {
-        let ring = self.events.get_mut();
-        while let Some(item) = ring.next() {
+        while let Some(item) = self.events.next() {
             match report::decode(&item) {
                 Some(ev) => {
                     let (level, line) = report::describe(&ev);
@@ -172,7 +172,7 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("cgroup", &self.cgroup)
             .field("watch_fd", &self.watch.raw_fd())
-            .field("events_fd", &self.events.get_ref().as_raw_fd())
+            .field("events_fd", &self.events.as_raw_fd())
             .finish()
     }
 }

@@ -6,7 +6,7 @@ use aya::{
     maps::{lpm_trie::Key, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt},
     util::KernelVersion,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use freebind_common::{maps, programs, LocalAddrKey};
 
@@ -40,8 +40,13 @@ impl Attachment {
         if OBJECT.is_empty() {
             bail!("this freebind-agent was built without its eBPF object: build it with `cargo xtask build`");
         }
-        let mut ebpf =
-            Ebpf::load(OBJECT).context("loading freebind's eBPF object (maps and BTF)")?;
+        // The eBPF side's aya-log statements cost microseconds each; the level global
+        // skips them in the kernel unless the agent itself logs at that level (-v).
+        let log_level = log::max_level() as u8;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(OBJECT)
+            .context("loading freebind's eBPF object (maps and BTF)")?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| log::debug!("eBPF debug log unavailable: {e}"))
             .ok();

@@ -56,7 +56,9 @@ pub fn run_tests(paths: &Paths, options: &Options) -> Result<()> {
     }
     if e2e {
         let mut cmd = workspace_cargo(paths);
-        cmd.args(["test", "--release", "-p", "freebind-e2e", "--"])
+        // --tests: the test bed has no doctests, and an empty doctest run would be the
+        // last "test result" line CI reads.
+        cmd.args(["test", "--release", "-p", "freebind-e2e", "--tests", "--"])
             .env("FREEBIND_AGENT", &paths.agent);
         // Each test runs real servers and its own agent: keep parallelism low. libtest
         // refuses the flag twice, so a caller's --test-threads wins.
