@@ -2,7 +2,9 @@
 //! answer across an address's removal and return.
 use std::time::Duration;
 
-use crate::{add_addr, add_addr6, del_addr, run_in, wait_until, Cgroup, Link, Netns, Proc};
+use crate::{
+    add_addr, add_addr6, del_addr, run_in, spawn_in, wait_until, Cgroup, Link, Netns, Proc,
+};
 
 /// Generous bound for a service to answer after its address appears (not a timing check).
 pub const SETTLE: Duration = Duration::from_secs(20);
@@ -33,6 +35,30 @@ pub fn wait_listening(ns: &Netns, proto: &str, addr_port: &str, server: &Proc) {
             listening(ns, proto, addr_port)
         },
     );
+}
+
+/// `python3 -m http.server PORT --bind ADDR` in `ns` (and `cgroup`), returned once it
+/// listens (which, for an address not yet there, only freebind makes possible).
+pub fn python_http_server(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, port: u16) -> Proc {
+    let server = spawn_in(
+        ns,
+        cgroup,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            addr,
+        ],
+    );
+    let shown = if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    };
+    wait_listening(ns, "tcp", &shown, &server);
+    server
 }
 
 const BIND_PY: &str = r#"

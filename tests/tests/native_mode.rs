@@ -5,7 +5,10 @@ use std::{fs, time::Duration};
 use freebind_e2e::{
     add_addr6, addr6_tentative, bpf_programs_attached, ensure_tools, http_get, require_root,
     run_in,
-    scenario::{serves_across_address_flap, try_bind, wait_listening, EADDRNOTAVAIL, SETTLE},
+    scenario::{
+        python_http_server, serves_across_address_flap, try_bind, wait_listening, EADDRNOTAVAIL,
+        SETTLE,
+    },
     spawn_in, tcp_request, udp_request, unique_name, wait_until, Agent, Cgroup, Link,
 };
 
@@ -26,19 +29,7 @@ fn python_http_server_bound_before_its_ipv4_address_exists_serves_across_remove_
         return;
     }
     let (link, cgroup, agent) = managed(&[]);
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "192.0.2.10",
-        ],
-    );
-    wait_listening(&link.server, "tcp", "192.0.2.10:8080", &server);
+    let server = python_http_server(&link.server, Some(&cgroup), "192.0.2.10", 8080);
     serves_across_address_flap(&link, "192.0.2.10/24", &server, "Directory listing", || {
         http_get(&link.client, "192.0.2.10", 8080, "/").map(|(_, body)| body)
     });
@@ -56,19 +47,7 @@ fn python_http_server_bound_before_its_ipv6_address_exists_serves_across_remove_
         return;
     }
     let (link, cgroup, _agent) = managed(&[]);
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "2001:db8::10",
-        ],
-    );
-    wait_listening(&link.server, "tcp", "[2001:db8::10]:8080", &server);
+    let server = python_http_server(&link.server, Some(&cgroup), "2001:db8::10", 8080);
     serves_across_address_flap(
         &link,
         "2001:db8::10/64",
@@ -356,19 +335,7 @@ fn an_ipv6_address_still_in_dad_binds_under_the_agent_and_serves_once_dad_comple
         Err(EADDRNOTAVAIL),
         "tentative is not local"
     );
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "2001:db8::20",
-        ],
-    );
-    wait_listening(&link.server, "tcp", "[2001:db8::20]:8080", &server);
+    let _server = python_http_server(&link.server, Some(&cgroup), "2001:db8::20", 8080);
     assert!(
         addr6_tentative(&link.server, &link.server_if, "2001:db8::20"),
         "DAD ended before the test could bind during it"
@@ -395,19 +362,7 @@ fn after_the_agent_stops_new_sockets_are_ordinary_and_existing_ones_keep_serving
         return;
     }
     let (link, cgroup, agent) = managed(&[]);
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "192.0.2.10",
-        ],
-    );
-    wait_listening(&link.server, "tcp", "192.0.2.10:8080", &server);
+    let _server = python_http_server(&link.server, Some(&cgroup), "192.0.2.10", 8080);
     assert_eq!(bpf_programs_attached(&cgroup).len(), 3);
     assert!(agent.stop().success(), "{}", agent.log());
     assert!(agent.log().contains("detached"), "{}", agent.log());

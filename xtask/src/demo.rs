@@ -4,8 +4,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Result};
 use freebind_e2e::{
     del_addr, ensure_tools, http_get, require_root, run_in,
-    scenario::{add_server_addr, try_bind, wait_listening, EADDRNOTAVAIL},
-    spawn_in, wait_until, Agent, Cgroup, Link,
+    scenario::{add_server_addr, python_http_server, try_bind, EADDRNOTAVAIL},
+    wait_until, Agent, Cgroup, Link,
 };
 
 use crate::paths::Paths;
@@ -54,19 +54,7 @@ pub fn run(paths: &Paths) -> Result<()> {
             "python3 -m http.server binds {ADDR}:{PORT} inside the cgroup, before {ADDR} exists."
         ),
     );
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            &PORT.to_string(),
-            "--bind",
-            ADDR,
-        ],
-    );
-    wait_listening(&link.server, "tcp", &format!("{ADDR}:{PORT}"), &server);
+    let server = python_http_server(&link.server, Some(&cgroup), ADDR, PORT);
     show(&format!(
         "listening (pid {}); the interface holds: {}",
         server.pid(),
