@@ -21,6 +21,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const IFA_ADDRESS: u16 = 1;
@@ -36,6 +37,10 @@ const IFA_F_TENTATIVE: u32 = 0x40;
 pub struct IfAddr {
     pub ifindex: u32,
     pub addr: IpAddr,
+    pub prefix_len: u8,
+    /// The configured address this entry comes from: `addr` itself, or the address whose
+    /// subnet broadcast `addr` is (two addresses of one subnet share a broadcast).
+    pub owner: IpAddr,
     /// False while IPv6 DAD runs (tentative) or after it failed: the kernel refuses to
     /// bind such an address without freebind.
     pub usable: bool,
@@ -59,7 +64,7 @@ pub enum Transition {
 /// usable.
 #[derive(Debug, Default)]
 pub struct LocalSet {
-    holders: HashMap<IpAddr, BTreeSet<u32>>,
+    holders: HashMap<IpAddr, BTreeSet<(u32, u8, IpAddr)>>,
 }
 
 impl LocalSet {
@@ -69,10 +74,11 @@ impl LocalSet {
             AddrChange::Del(a) => (a, false),
         };
         let was = self.is_local(&a.addr);
+        let holder = (a.ifindex, a.prefix_len, a.owner);
         if keep {
-            self.holders.entry(a.addr).or_default().insert(a.ifindex);
+            self.holders.entry(a.addr).or_default().insert(holder);
         } else if let Some(set) = self.holders.get_mut(&a.addr) {
-            set.remove(&a.ifindex);
+            set.remove(&holder);
             if set.is_empty() {
                 self.holders.remove(&a.addr);
             }
@@ -141,38 +147,15 @@ impl AddrWatch {
         self.fd.get_ref().as_raw_fd()
     }
 
-    /// Every address in the namespace now (a blocking dump on a socket of its own).
+    /// Every address in the namespace now (a blocking dump on a socket of its own),
+    /// repeated while the kernel reports it was interrupted by a change.
     pub fn dump() -> Result<Vec<IfAddr>> {
-        let fd = netlink_socket(0, false)?;
-        // nlmsghdr (16) + ifaddrmsg (8), family AF_UNSPEC: both families.
-        let mut req = [0u8; 24];
-        req[0..4].copy_from_slice(&24u32.to_ne_bytes());
-        req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
-        req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        // SAFETY: sending a buffer we own on a socket we own.
-        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error())
-                .context("requesting the rtnetlink address dump");
-        }
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: receiving into a buffer we own.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error())
-                    .context("reading the rtnetlink address dump");
-            }
-            let (changes, done) = parse(&buf[..n as usize])?;
-            out.extend(changes.into_iter().filter_map(|c| match c {
-                AddrChange::New(a) => Some(a),
-                AddrChange::Del(_) => None,
-            }));
-            if done {
-                return Ok(out);
+        for _ in 0..10 {
+            if let Some(addrs) = dump_once()? {
+                return Ok(addrs);
             }
         }
+        bail!("the rtnetlink address dump kept being interrupted by address changes")
     }
 
     /// The next batch of changes. `Ok(None)` means the kernel dropped notifications
@@ -191,7 +174,7 @@ impl AddrWatch {
                     Ok(n as usize)
                 }
             }) {
-                Ok(Ok(n)) => return Ok(Some(parse(&self.buf[..n])?.0)),
+                Ok(Ok(n)) => return Ok(Some(parse(&self.buf[..n])?.changes)),
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(None),
                 Ok(Err(e)) => return Err(e).context("reading rtnetlink"),
                 Err(_would_block) => continue,
@@ -200,19 +183,66 @@ impl AddrWatch {
     }
 }
 
-/// Parses a datagram of netlink messages; the flag says whether the dump is complete.
-fn parse(mut data: &[u8]) -> Result<(Vec<AddrChange>, bool)> {
+fn dump_once() -> Result<Option<Vec<IfAddr>>> {
+    let fd = netlink_socket(0, false)?;
+    // nlmsghdr (16) + ifaddrmsg (8), family AF_UNSPEC: both families.
+    let mut req = [0u8; 24];
+    req[0..4].copy_from_slice(&24u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: sending a buffer we own on a socket we own.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error()).context("requesting the rtnetlink address dump");
+    }
     let mut out = Vec::new();
+    let mut interrupted = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into a buffer we own.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error()).context("reading the rtnetlink address dump");
+        }
+        let parsed = parse(&buf[..n as usize])?;
+        interrupted |= parsed.interrupted;
+        out.extend(parsed.changes.into_iter().filter_map(|c| match c {
+            AddrChange::New(a) => Some(a),
+            AddrChange::Del(_) => None,
+        }));
+        if parsed.done {
+            return Ok((!interrupted).then_some(out));
+        }
+    }
+}
+
+/// A datagram's worth of netlink messages.
+struct Parsed {
+    changes: Vec<AddrChange>,
+    /// NLMSG_DONE was seen: the dump is complete.
+    done: bool,
+    /// NLM_F_DUMP_INTR: addresses changed while the kernel dumped; the dump may have
+    /// skipped some and must be repeated.
+    interrupted: bool,
+}
+
+fn parse(mut data: &[u8]) -> Result<Parsed> {
+    let mut parsed = Parsed {
+        changes: Vec::new(),
+        done: false,
+        interrupted: false,
+    };
     while data.len() >= 16 {
         let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
         let ty = u16::from_ne_bytes(data[4..6].try_into().unwrap());
+        let flags = u16::from_ne_bytes(data[6..8].try_into().unwrap());
+        parsed.interrupted |= flags & NLM_F_DUMP_INTR != 0;
         if len < 16 || len > data.len() {
             bail!("malformed rtnetlink message (length {len})");
         }
         let body = &data[16..len];
         match ty {
-            NLMSG_DONE => return Ok((out, true)),
-            NLMSG_ERROR => {
+            NLMSG_DONE | NLMSG_ERROR => {
                 let errno = body
                     .get(0..4)
                     .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
@@ -221,15 +251,21 @@ fn parse(mut data: &[u8]) -> Result<(Vec<AddrChange>, bool)> {
                     return Err(io::Error::from_raw_os_error(-errno))
                         .context("rtnetlink address dump");
                 }
+                if ty == NLMSG_DONE {
+                    parsed.done = true;
+                    return Ok(parsed);
+                }
             }
             RTM_NEWADDR | RTM_DELADDR => {
-                out.extend(parse_ifaddr(body).into_iter().map(|a| {
-                    if ty == RTM_NEWADDR {
-                        AddrChange::New(a)
-                    } else {
-                        AddrChange::Del(a)
-                    }
-                }));
+                parsed
+                    .changes
+                    .extend(parse_ifaddr(body).into_iter().map(|a| {
+                        if ty == RTM_NEWADDR {
+                            AddrChange::New(a)
+                        } else {
+                            AddrChange::Del(a)
+                        }
+                    }));
             }
             _ => {}
         }
@@ -238,7 +274,7 @@ fn parse(mut data: &[u8]) -> Result<(Vec<AddrChange>, bool)> {
             break;
         }
     }
-    Ok((out, false))
+    Ok(parsed)
 }
 
 fn parse_ifaddr(body: &[u8]) -> Vec<IfAddr> {
@@ -246,6 +282,7 @@ fn parse_ifaddr(body: &[u8]) -> Vec<IfAddr> {
         return Vec::new();
     }
     let family = body[0];
+    let prefix_len = body[1];
     let mut flags = u32::from(body[2]);
     let ifindex = u32::from_ne_bytes(body[4..8].try_into().unwrap());
     let (mut address, mut local, mut broadcast) = (None, None, None);
@@ -284,6 +321,8 @@ fn parse_ifaddr(body: &[u8]) -> Vec<IfAddr> {
     let mut out = vec![IfAddr {
         ifindex,
         addr,
+        prefix_len,
+        owner: addr,
         usable,
     }];
     // inet_bind() also accepts a subnet's broadcast address.
@@ -291,6 +330,8 @@ fn parse_ifaddr(body: &[u8]) -> Vec<IfAddr> {
         out.push(IfAddr {
             ifindex,
             addr: b,
+            prefix_len,
+            owner: addr,
             usable: true,
         });
     }
@@ -323,8 +364,7 @@ mod tests {
             all.push((IFA_FLAGS, f.to_ne_bytes().to_vec()));
         }
         for (t, v) in all {
-            let len = 4 + v.len();
-            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
             body.extend_from_slice(&t.to_ne_bytes());
             body.extend_from_slice(&v);
             while body.len() % 4 != 0 {
@@ -339,6 +379,16 @@ mod tests {
         m
     }
 
+    fn ifaddr(ifindex: u32, addr: &str, prefix_len: u8, owner: &str) -> IfAddr {
+        IfAddr {
+            ifindex,
+            addr: addr.parse().unwrap(),
+            prefix_len,
+            owner: owner.parse().unwrap(),
+            usable: true,
+        }
+    }
+
     #[test]
     fn ipv4_uses_the_local_address_and_its_broadcast() {
         let m = msg(
@@ -351,93 +401,119 @@ mod tests {
                 (IFA_BROADCAST, &[192, 0, 2, 255]),
             ],
         );
-        let (c, done) = parse(&m).unwrap();
-        assert!(!done);
-        assert_eq!(c.len(), 2);
+        let p = parse(&m).unwrap();
+        assert!(!p.done && !p.interrupted);
         assert_eq!(
-            c[0],
-            AddrChange::New(IfAddr {
-                ifindex: 7,
-                addr: "192.0.2.10".parse().unwrap(),
-                usable: true
-            })
-        );
-        assert_eq!(
-            c[1],
-            AddrChange::New(IfAddr {
-                ifindex: 7,
-                addr: "192.0.2.255".parse().unwrap(),
-                usable: true
-            })
+            p.changes,
+            [
+                AddrChange::New(ifaddr(7, "192.0.2.10", 24, "192.0.2.10")),
+                AddrChange::New(ifaddr(7, "192.0.2.255", 24, "192.0.2.10")),
+            ]
         );
     }
 
     #[test]
     fn tentative_ipv6_is_not_usable_until_dad_completes() {
         let a: Ipv6Addr = "2001:db8::10".parse().unwrap();
-        let m = msg(
+        let c = parse(&msg(
             RTM_NEWADDR,
             10,
             Some(IFA_F_TENTATIVE),
             &[(IFA_ADDRESS, &a.octets())],
-        );
-        let (c, _) = parse(&m).unwrap();
+        ))
+        .unwrap()
+        .changes;
         let AddrChange::New(ifa) = c[0] else { panic!() };
         assert!(!ifa.usable);
         let mut set = LocalSet::default();
         assert_eq!(set.apply(c[0]), None);
-        let m = msg(RTM_NEWADDR, 10, Some(0), &[(IFA_ADDRESS, &a.octets())]);
-        let (c, _) = parse(&m).unwrap();
-        assert_eq!(set.apply(c[0]), Some(Transition::BecameLocal));
+        let optimistic = parse(&msg(
+            RTM_NEWADDR,
+            10,
+            Some(IFA_F_TENTATIVE | IFA_F_OPTIMISTIC),
+            &[(IFA_ADDRESS, &a.octets())],
+        ))
+        .unwrap()
+        .changes;
+        assert_eq!(
+            set.apply(optimistic[0]),
+            Some(Transition::BecameLocal),
+            "optimistic DAD binds"
+        );
+        let c = parse(&msg(
+            RTM_NEWADDR,
+            10,
+            Some(IFA_F_DADFAILED),
+            &[(IFA_ADDRESS, &a.octets())],
+        ))
+        .unwrap()
+        .changes;
+        assert_eq!(
+            set.apply(c[0]),
+            Some(Transition::NoLongerLocal),
+            "DAD failed"
+        );
     }
 
     #[test]
-    fn an_address_on_two_interfaces_stays_local_until_both_drop_it() {
-        let addr: IpAddr = "192.0.2.10".parse().unwrap();
+    fn an_address_stays_local_until_its_last_holder_drops_it() {
         let mut set = LocalSet::default();
+        let on1 = ifaddr(1, "192.0.2.10", 24, "192.0.2.10");
+        let on2 = ifaddr(2, "192.0.2.10", 24, "192.0.2.10");
+        let other_prefix = ifaddr(1, "192.0.2.10", 32, "192.0.2.10");
         assert_eq!(
-            set.apply(AddrChange::New(IfAddr {
-                ifindex: 1,
-                addr,
-                usable: true
-            })),
+            set.apply(AddrChange::New(on1)),
             Some(Transition::BecameLocal)
         );
         assert_eq!(
-            set.apply(AddrChange::New(IfAddr {
-                ifindex: 2,
-                addr,
-                usable: true
-            })),
-            None
+            set.apply(AddrChange::New(on1)),
+            None,
+            "a repeated RTM_NEWADDR changes nothing"
         );
+        assert_eq!(set.apply(AddrChange::New(on2)), None);
+        assert_eq!(set.apply(AddrChange::New(other_prefix)), None);
+        assert_eq!(set.apply(AddrChange::Del(on1)), None);
+        assert_eq!(set.apply(AddrChange::Del(other_prefix)), None);
         assert_eq!(
-            set.apply(AddrChange::Del(IfAddr {
-                ifindex: 1,
-                addr,
-                usable: true
-            })),
-            None
-        );
-        assert_eq!(
-            set.apply(AddrChange::Del(IfAddr {
-                ifindex: 2,
-                addr,
-                usable: true
-            })),
+            set.apply(AddrChange::Del(on2)),
             Some(Transition::NoLongerLocal)
         );
     }
 
     #[test]
-    fn dump_end_is_recognised() {
+    fn a_broadcast_shared_by_two_addresses_stays_until_both_go() {
+        let mut set = LocalSet::default();
+        let b10 = ifaddr(1, "192.0.2.255", 24, "192.0.2.10");
+        let b11 = ifaddr(1, "192.0.2.255", 24, "192.0.2.11");
+        assert_eq!(
+            set.apply(AddrChange::New(b10)),
+            Some(Transition::BecameLocal)
+        );
+        assert_eq!(set.apply(AddrChange::New(b11)), None);
+        assert_eq!(set.apply(AddrChange::Del(b10)), None);
+        assert_eq!(
+            set.apply(AddrChange::Del(b11)),
+            Some(Transition::NoLongerLocal)
+        );
+    }
+
+    fn done(flags: u16, errno: i32) -> Vec<u8> {
+        let mut d = vec![0u8; 20];
+        d[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        d[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        d[6..8].copy_from_slice(&flags.to_ne_bytes());
+        d[16..20].copy_from_slice(&errno.to_ne_bytes());
+        d
+    }
+
+    #[test]
+    fn dump_end_interruption_and_errors_are_recognised() {
         let mut m = msg(RTM_NEWADDR, 2, None, &[(IFA_LOCAL, &[198, 51, 100, 1])]);
-        let mut done = vec![0u8; 20];
-        done[0..4].copy_from_slice(&20u32.to_ne_bytes());
-        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
-        m.extend_from_slice(&done);
-        let (c, finished) = parse(&m).unwrap();
-        assert_eq!(c.len(), 1);
-        assert!(finished);
+        m.extend_from_slice(&done(0, 0));
+        let p = parse(&m).unwrap();
+        assert_eq!(p.changes.len(), 1);
+        assert!(p.done && !p.interrupted);
+        assert!(parse(&done(NLM_F_DUMP_INTR, 0)).unwrap().interrupted);
+        assert!(parse(&done(0, -libc::EBUSY)).is_err());
     }
 }

@@ -46,6 +46,10 @@ impl Agent {
         let netns_cookie = kernel::netns_cookie(watch.raw_fd())?;
         let mut locality = Locality::new(maps.local_addrs, netns_cookie);
         locality.resync(&AddrWatch::dump()?)?;
+        let mut served = maps.served_netns;
+        served
+            .insert(netns_cookie, 1, 0)
+            .context("registering the agent's network namespace in SERVED_NETNS")?;
         attachment.attach(cgroup)?;
         let id = cgroup_id(cgroup)?;
         log::info!(

@@ -74,15 +74,17 @@ pub fn cgroup_id(dir: &Path) -> Result<u64> {
         .ino())
 }
 
+/// The first cgroup2 mount showing the whole hierarchy (mount root `/`); a bind mount of
+/// a subtree would make every path built on it wrong.
 fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;
         if post.split_whitespace().next()? != "cgroup2" {
             return None;
         }
-        pre.split_whitespace()
-            .nth(4)
-            .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        let mut fields = pre.split_whitespace().skip(3);
+        let (root, mount) = (fields.next()?, fields.next()?);
+        (root == "/").then(|| PathBuf::from(unescape_mountinfo(mount)))
     })
 }
 
@@ -274,6 +276,16 @@ mod tests {
         assert_eq!(
             find_cgroup2_mount(mi),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn skips_bind_mounts_of_a_subtree() {
+        let mi = "50 40 0:38 /system.slice /mnt/sub rw - cgroup2 cgroup2 rw\n\
+                  41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_cgroup2_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup"))
         );
     }
 

@@ -61,11 +61,16 @@ pub fn run(cgroup: &Path, allow: &[String]) -> Result<()> {
 /// `exec -- CMD`: a transient cgroup, attached, CMD in it; returns CMD's exit code.
 pub fn exec(cmd: &[OsString], allow: &[String]) -> Result<i32> {
     let (policy, cg) = prepare(allow)?;
-    let transient = TransientCgroup::create(&cg)?;
-    let code = runtime()?.block_on(async {
+    runtime()?.block_on(async {
+        // Handlers first: a signal from here on is CMD's to receive, never a default
+        // death of the agent that would leave the transient cgroup behind.
+        let signals = exec::Signals::install()?;
+        let transient = TransientCgroup::create(&cg)?;
         let mut agent = Agent::start(transient.path(), &policy)?;
         log::info!("ready: running {} under freebind", cmd[0].to_string_lossy());
-        let code = agent.serve_until(exec::run_in_cgroup(cmd, transient.path())).await??;
+        let code = agent
+            .serve_until(exec::run_in_cgroup(cmd, transient.path(), signals))
+            .await??;
         let left = transient.procs();
         if !left.is_empty() {
             log::warn!(
@@ -76,8 +81,7 @@ pub fn exec(cmd: &[OsString], allow: &[String]) -> Result<i32> {
             transient.kill_all();
         }
         drop(agent);
-        anyhow::Ok(code)
-    })?;
-    drop(transient);
-    Ok(code)
+        drop(transient);
+        Ok(code)
+    })
 }

@@ -10,11 +10,49 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::{
     process::Command,
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
 };
 
+/// The signals `exec` relays to CMD.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+    /// The agent is in the terminal's foreground process group, which CMD shares: the
+    /// terminal's own SIGINT/SIGHUP reach CMD directly and must not arrive twice.
+    on_terminal: bool,
+}
+
+impl Signals {
+    pub fn install() -> Result<Self> {
+        // SAFETY: plain queries of our own stdin and process group.
+        let on_terminal = unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() };
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            on_terminal,
+        })
+    }
+
+    /// The next signal to pass on to CMD.
+    async fn next(&mut self) -> i32 {
+        loop {
+            let sig = tokio::select! {
+                _ = self.int.recv() => libc::SIGINT,
+                _ = self.term.recv() => libc::SIGTERM,
+                _ = self.hup.recv() => libc::SIGHUP,
+            };
+            if sig == libc::SIGTERM || !self.on_terminal {
+                return sig;
+            }
+            log::debug!("signal {sig} came from the terminal, which delivered it to CMD too");
+        }
+    }
+}
+
 /// Runs CMD in `cgroup` and returns the exit code a shell would report for it.
-pub async fn run_in_cgroup(cmd: &[OsString], cgroup: &Path) -> Result<i32> {
+pub async fn run_in_cgroup(cmd: &[OsString], cgroup: &Path, mut signals: Signals) -> Result<i32> {
     let procs_path = cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
         .write(true)
@@ -50,15 +88,10 @@ pub async fn run_in_cgroup(cmd: &[OsString], cgroup: &Path) -> Result<i32> {
     let pid = child.id().context("child pid")? as i32;
     log::info!("started {name} (pid {pid}) in cgroup {}", cgroup.display());
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let status = loop {
         let sig = tokio::select! {
             status = child.wait() => break status.context("waiting for CMD")?,
-            _ = sigint.recv() => libc::SIGINT,
-            _ = sigterm.recv() => libc::SIGTERM,
-            _ = sighup.recv() => libc::SIGHUP,
+            sig = signals.next() => sig,
         };
         log::debug!("forwarding signal {sig} to pid {pid}");
         // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.

@@ -59,6 +59,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_CGROUP_SOCKOPT: u32 = 25;
 const ATTACH_INET4_BIND: u32 = 8;
+const ATTACH_UDP6_SENDMSG: u32 = 15;
 const ATTACH_SETSOCKOPT: u32 = 22;
 const MAP_LPM_TRIE: u32 = 11;
 const MAP_RINGBUF: u32 = 27;
@@ -78,6 +79,12 @@ const BIND4: Hook = Hook {
     attach_type: ATTACH_INET4_BIND,
     since: "4.17",
 };
+const SENDMSG6: Hook = Hook {
+    name: "cgroup/sendmsg6 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    prog_type: PROG_CGROUP_SOCK_ADDR,
+    attach_type: ATTACH_UDP6_SENDMSG,
+    since: "4.18",
+};
 const SETSOCKOPT: Hook = Hook {
     name: "cgroup/setsockopt (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
     prog_type: PROG_CGROUP_SOCKOPT,
@@ -89,6 +96,8 @@ const SETSOCKOPT: Hook = Hook {
 const HELPERS: &[(Hook, &str, i32, &str)] = &[
     (SETSOCKOPT, "bpf_setsockopt", 49, "a newer kernel"),
     (SETSOCKOPT, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (SETSOCKOPT, "bpf_get_netns_cookie", 122, "a newer kernel"),
+    (SENDMSG6, "bpf_sk_storage_get", 107, "a newer kernel"),
     (BIND4, "bpf_sk_storage_get", 107, "a newer kernel"),
     (BIND4, "bpf_get_netns_cookie", 122, "Linux 5.7 or later"),
     (BIND4, "bpf_set_retval", 187, "Linux 5.18 or later"),
@@ -97,24 +106,16 @@ const HELPERS: &[(Hook, &str, i32, &str)] = &[
     (BIND4, "bpf_get_current_cgroup_id", 80, "a newer kernel"),
 ];
 
+/// (map type name, type, key size, value size, max entries, flags, Linux release)
 const MAPS: &[(&str, u32, u32, u32, u32, u32, &str)] = &[
-    // name, type, key size, value size, max entries, flags (BPF_F_NO_PREALLOC = 1), since
+    // LPM tries must be BPF_F_NO_PREALLOC (1).
     ("BPF_MAP_TYPE_LPM_TRIE", MAP_LPM_TRIE, 8, 1, 1, 1, "4.11"),
-    (
-        "BPF_MAP_TYPE_RINGBUF",
-        MAP_RINGBUF,
-        0,
-        0,
-        4096,
-        0,
-        "Linux 5.8 or later",
-    ),
 ];
 
 /// Checks every program type, helper and map type freebind loads, naming the first one
 /// this kernel lacks.
 pub fn check_features() -> Result<()> {
-    for hook in [BIND4, SETSOCKOPT] {
+    for hook in [BIND4, SENDMSG6, SETSOCKOPT] {
         if !probe_program(hook, None)? {
             bail!(
                 "this kernel lacks the {} program type (Linux {} or later)",
@@ -135,6 +136,12 @@ pub fn check_features() -> Result<()> {
         if !probe_map(ty, key, value, max, flags) {
             bail!("this kernel lacks {name} maps (Linux {since} or later)");
         }
+    }
+    // A ring buffer's size must be a power-of-two multiple of the page size.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    if !probe_map(MAP_RINGBUF, 0, 0, page, 0) {
+        bail!("this kernel lacks BPF_MAP_TYPE_RINGBUF maps (Linux 5.8 or later)");
     }
     Ok(())
 }

@@ -4,7 +4,9 @@ use std::{fs::File, net::IpAddr, path::Path};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt},
+    programs::{
+        cgroup_sockopt::CgroupSockoptLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -24,6 +26,7 @@ pub struct Maps {
     pub local_addrs: AyaHashMap<MapData, LocalAddrKey, u8>,
     pub events: RingBuf<MapData>,
     pub events_dropped: PerCpuArray<MapData, u64>,
+    pub served_netns: AyaHashMap<MapData, u64, u8>,
 }
 
 /// A loaded copy of freebind's programs: one per attachment, so each carries its own
@@ -32,6 +35,7 @@ pub struct Maps {
 pub struct Attachment {
     ebpf: Ebpf,
     logger: Option<Logger>,
+    setsockopt_link: Option<CgroupSockoptLinkId>,
 }
 
 impl Attachment {
@@ -50,7 +54,7 @@ impl Attachment {
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| log::debug!("eBPF debug log unavailable: {e}"))
             .ok();
-        for name in [programs::BIND4, programs::BIND6] {
+        for name in [programs::BIND4, programs::BIND6, programs::SENDMSG6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
@@ -62,6 +66,7 @@ impl Attachment {
             local_addrs: take_map(&mut ebpf, maps::LOCAL_ADDRS)?,
             events: take_map(&mut ebpf, maps::EVENTS)?,
             events_dropped: take_map(&mut ebpf, maps::EVENTS_DROPPED)?,
+            served_netns: take_map(&mut ebpf, maps::SERVED_NETNS)?,
         };
         let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::ALLOW_V4)?;
         let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::ALLOW_V6)?;
@@ -74,29 +79,37 @@ impl Attachment {
             .with_context(|| format!("loading policy prefix {prefix}"))?;
         }
         // The tries live on in the kernel while the programs reference them.
-        Ok((Self { ebpf, logger }, maps))
+        Ok((
+            Self {
+                ebpf,
+                logger,
+                setsockopt_link: None,
+            },
+            maps,
+        ))
     }
 
     /// Attaches to the cgroup alongside whatever else is attached there (BPF_F_ALLOW_MULTI,
-    /// so systemd's own programs keep working). The bind hooks go first: a socket must not
-    /// become freebind before the policy check is in place.
+    /// so systemd's own programs keep working). The policy hooks go first: a socket must
+    /// not become freebind before the policy check is in place.
     pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
         let cg =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mode = attach_mode();
-        for name in [programs::BIND4, programs::BIND6] {
+        for name in [programs::BIND4, programs::BIND6, programs::SENDMSG6] {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             prog.attach(&cg, mode)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
         }
         let prog: &mut CgroupSockopt = program(&mut self.ebpf, programs::SETSOCKOPT)?;
-        prog.attach(&cg, mode).with_context(|| {
+        let link = prog.attach(&cg, mode).with_context(|| {
             format!(
                 "attaching {} to cgroup {}",
                 programs::SETSOCKOPT,
                 cgroup.display()
             )
         })?;
+        self.setsockopt_link = Some(link);
         Ok(())
     }
 
@@ -113,6 +126,20 @@ fn attach_mode() -> CgroupAttachMode {
     match KernelVersion::current() {
         Ok(v) if v >= KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
         _ => CgroupAttachMode::AllowMultiple,
+    }
+}
+
+impl Drop for Attachment {
+    /// Native mode goes first, so that no socket becomes freebind after its bind hooks are
+    /// gone (aya would drop the programs in hash order).
+    fn drop(&mut self) {
+        if let Some(link) = self.setsockopt_link.take() {
+            if let Ok(prog) = program::<CgroupSockopt>(&mut self.ebpf, programs::SETSOCKOPT) {
+                if let Err(e) = prog.detach(link) {
+                    log::warn!("detaching {}: {e}", programs::SETSOCKOPT);
+                }
+            }
+        }
     }
 }
 

@@ -42,25 +42,52 @@ pub fn describe(ev: &BindEvent) -> (log::Level, String) {
         IpAddr::V4(a) => format!("{a}:{}", ev.port),
         IpAddr::V6(a) => format!("[{a}]:{}", ev.port),
     };
-    let (level, verdict, why) = match Verdict::from_u8(ev.verdict) {
-        Some(Verdict::Local) => (log::Level::Info, "local", "the address is local; nothing to do"),
-        Some(Verdict::Freebind) => (log::Level::Info, "freebind", "not local; the socket was made freebind (native mode)"),
-        Some(Verdict::AppFreebind) => (log::Level::Info, "app-freebind", "not local; the application set IP_FREEBIND itself"),
-        Some(Verdict::Refused) => (log::Level::Warn, "refused", "not local and outside the policy: EADDRNOTAVAIL"),
-        Some(Verdict::NotFreebind) => (
-            log::Level::Warn,
-            "not-freebind",
-            "not local, and no setsockopt() came before bind(), so native mode could not act: the kernel answers EADDRNOTAVAIL",
+    use log::Level::{Info, Warn};
+    let Some(verdict) = Verdict::from_u8(ev.verdict) else {
+        return (
+            Warn,
+            format!(
+                "event with a verdict ({}) unknown to this agent",
+                ev.verdict
+            ),
+        );
+    };
+    let (level, why) = match verdict {
+        Verdict::Local => (Info, "the address is local; nothing to do"),
+        Verdict::Freebind => (Info, "not local; the socket was made freebind (native mode)"),
+        Verdict::AppFreebind => (Info, "not local; the application set IP_FREEBIND itself"),
+        Verdict::Refused => (Warn, "not local and outside the policy: EADDRNOTAVAIL"),
+        Verdict::NotFreebind => (
+            Warn,
+            "not local, and native mode did not make the socket freebind (no eligible setsockopt() before bind(), \
+             or a 32-bit process, whose setsockopt() cgroup programs do not see): the kernel answers EADDRNOTAVAIL",
         ),
-        None => (log::Level::Warn, "unknown", "verdict not known to this agent"),
+        Verdict::OtherNetns => (
+            Info,
+            "in a network namespace whose addresses this agent does not watch: left to the kernel",
+        ),
+        Verdict::RefusedSource => (
+            Warn,
+            "a datagram asked for this non-local source (IPV6_PKTINFO) outside the policy: EPERM",
+        ),
+    };
+    let what = if verdict == Verdict::RefusedSource {
+        format!(
+            "sendmsg/{proto} from {} to port {}",
+            event_addr(ev),
+            ev.port
+        )
+    } else {
+        format!("bind {addr}/{proto}")
     };
     (
         level,
         format!(
-            "bind {addr}/{proto} by {} (pid {}, cgroup id {}): {verdict} — {why}",
+            "{what} by {} (pid {}, cgroup id {}): {} — {why}",
             comm(ev),
             ev.pid,
-            ev.cgroup_id
+            ev.cgroup_id,
+            verdict.as_str()
         ),
     )
 }

@@ -28,6 +28,9 @@ pub mod maps {
     pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
     /// `SkStorage<SockState>`: what freebind did to each socket.
     pub const SOCK_STATE: &str = "SOCK_STATE";
+    /// `HashMap<u64, u8>`: cookies of the network namespaces whose addresses the agent
+    /// keeps in `LOCAL_ADDRS`. Sockets elsewhere are left to the kernel entirely.
+    pub const SERVED_NETNS: &str = "SERVED_NETNS";
 }
 
 /// Program names as the kernel shows them (`bpftool prog`); 15 characters at most.
@@ -38,7 +41,18 @@ pub mod programs {
     pub const BIND4: &str = "fb_bind4";
     /// `cgroup/bind6`: the same for IPv6 (and v4-mapped) binds.
     pub const BIND6: &str = "fb_bind6";
+    /// `cgroup/sendmsg6`: the policy for IPv6 source addresses chosen per datagram.
+    pub const SENDMSG6: &str = "fb_sendmsg6";
 }
+
+/// Capacity of `SERVED_NETNS`.
+pub const SERVED_NETNS_CAPACITY: u32 = 1_024;
+
+/// The value native mode writes as the rewritten `IP_FREEBIND`/`IPV6_FREEBIND` argument.
+/// The kernel only tests it for non-zero; other freebind attachments running on the same
+/// syscall (a second agent, or one on a parent cgroup) recognise it as freebind's own
+/// rewrite rather than the application's, and still apply their own policy.
+pub const NATIVE_MARK: i32 = 0x4642_4e44;
 
 /// Capacity of `LOCAL_ADDRS`: addresses across every network namespace the agent serves.
 pub const LOCAL_ADDRS_CAPACITY: u32 = 65_536;
@@ -111,6 +125,12 @@ pub enum Verdict {
     NotFreebind = 4,
     /// Not local, and the application made the socket freebind itself: not ours to judge.
     AppFreebind = 5,
+    /// The socket's network namespace is not one the agent watches: left to the kernel,
+    /// and native mode leaves such sockets alone.
+    OtherNetns = 6,
+    /// A datagram asked for a non-local IPv6 source (`IPV6_PKTINFO`) outside the policy on a
+    /// socket native mode made freebind: refused. `port` is then the destination's port.
+    RefusedSource = 7,
 }
 
 impl Verdict {
@@ -121,6 +141,8 @@ impl Verdict {
             3 => Self::Refused,
             4 => Self::NotFreebind,
             5 => Self::AppFreebind,
+            6 => Self::OtherNetns,
+            7 => Self::RefusedSource,
             _ => return None,
         })
     }
@@ -132,6 +154,8 @@ impl Verdict {
             Self::Refused => "refused",
             Self::NotFreebind => "not-freebind",
             Self::AppFreebind => "app-freebind",
+            Self::OtherNetns => "other-netns",
+            Self::RefusedSource => "refused-source",
         }
     }
 }
@@ -190,7 +214,7 @@ mod tests {
 
     #[test]
     fn verdicts_round_trip() {
-        for v in 1..=5 {
+        for v in 1..=7 {
             assert_eq!(Verdict::from_u8(v).unwrap() as u8, v);
         }
         assert!(Verdict::from_u8(0).is_none());
@@ -198,7 +222,12 @@ mod tests {
 
     #[test]
     fn program_names_fit_the_kernel_limit() {
-        for name in [programs::SETSOCKOPT, programs::BIND4, programs::BIND6] {
+        for name in [
+            programs::SETSOCKOPT,
+            programs::BIND4,
+            programs::BIND6,
+            programs::SENDMSG6,
+        ] {
             assert!(name.len() <= 15, "{name}");
         }
     }

@@ -55,15 +55,15 @@ impl Addr {
     }
 
     /// Addresses the kernel accepts in `bind()` whatever the interfaces hold, or decides
-    /// on by rules of its own: the wildcard, loopback (all of 127.0.0.0/8 is local while
-    /// `lo` is up), multicast and limited broadcast. freebind leaves them to the kernel.
+    /// on by rules of its own: the wildcard and 0.0.0.0/8, loopback (all of 127.0.0.0/8 is local
+    /// while `lo` is up), multicast and limited broadcast. freebind leaves them to the kernel.
     #[inline(always)]
     pub fn is_kernel_special(&self) -> bool {
         let b = &self.bytes;
         if self.is_v4 {
-            let all_zero = b[0] == 0 && b[1] == 0 && b[2] == 0 && b[3] == 0;
+            // inet_addr_type() calls all of 0.0.0.0/8 broadcast, and so accepts it.
             let broadcast = b[0] == 255 && b[1] == 255 && b[2] == 255 && b[3] == 255;
-            all_zero || broadcast || b[0] == 127 || (b[0] & 0xf0) == 0xe0
+            b[0] == 0 || broadcast || b[0] == 127 || (b[0] & 0xf0) == 0xe0
         } else {
             let mut head_zero = true;
             let mut i = 0;

@@ -1,25 +1,16 @@
 //! `cgroup/bind4` and `cgroup/bind6`: one decision per bind, reported as an event.
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_set_retval, bpf_sk_storage_get,
-        },
-    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use freebind_common::{sock_flags, BindEvent, SockState, Verdict, IPPROTO_TCP, IPPROTO_UDP};
+use freebind_common::{sock_flags, Verdict, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{
-    addr::Addr,
-    maps::{EVENTS, EVENTS_DROPPED, SOCK_STATE},
-};
+use crate::{addr::Addr, sock};
 
 const EADDRNOTAVAIL: i32 = 99;
-const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[cgroup_sock_addr(bind4)]
 pub fn fb_bind4(ctx: SockAddrContext) -> i32 {
@@ -65,7 +56,7 @@ fn decide(ctx: &SockAddrContext, addr: Addr) -> i32 {
         unsafe { bpf_set_retval(-EADDRNOTAVAIL) };
     }
     debug!(ctx, "bind port {} verdict {}", port, verdict as u8);
-    report(family as u8, protocol as u8, port, &addr, verdict);
+    sock::report(family as u8, protocol as u8, port, &addr, verdict);
     allow as i32
 }
 
@@ -75,10 +66,14 @@ fn verdict(ctx: &SockAddrContext, addr: &Addr) -> Verdict {
         return Verdict::Local;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !sock::served(netns_cookie) {
+        return Verdict::OtherNetns;
+    }
     if addr.is_local(netns_cookie) {
         return Verdict::Local;
     }
-    let flags = sock_state_flags(ctx);
+    // SAFETY: `sk` of a bind hook is a full socket.
+    let flags = sock::state_flags(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast());
     if flags & sock_flags::APP_FREEBIND != 0 {
         return Verdict::AppFreebind;
     }
@@ -90,53 +85,4 @@ fn verdict(ctx: &SockAddrContext, addr: &Addr) -> Verdict {
     } else {
         Verdict::NotFreebind
     }
-}
-
-#[inline(always)]
-fn sock_state_flags(ctx: &SockAddrContext) -> u32 {
-    // SAFETY: `sk` of a bind hook is a full socket; lookup without create.
-    let state = unsafe {
-        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        bpf_sk_storage_get(
-            core::ptr::addr_of!(SOCK_STATE).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SockState>();
-    if state.is_null() {
-        0
-    } else {
-        unsafe { (*state).flags }
-    }
-}
-
-/// One event per decision. A full ring buffer never delays the bind: the event is
-/// counted in EVENTS_DROPPED instead.
-#[inline(always)]
-fn report(family: u8, protocol: u8, port: u16, addr: &Addr, verdict: Verdict) {
-    let Some(mut entry) = EVENTS.reserve(0) else {
-        if let Some(dropped) = EVENTS_DROPPED.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, this CPU only.
-            unsafe { *dropped += 1 };
-        }
-        return;
-    };
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    entry.write(BindEvent {
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        port,
-        family,
-        protocol,
-        addr: addr.bytes,
-        comm,
-        verdict: verdict as u8,
-        addr_is_v4: addr.is_v4 as u8,
-        _pad: [0; 6],
-    });
-    // No wakeup: waking the agent on every bind costs the binding task an irq_work and the
-    // agent a context switch per event; the agent drains the buffer on a short timer.
-    entry.submit(BPF_RB_NO_WAKEUP);
 }

@@ -5,7 +5,9 @@
 mod addr;
 mod bind;
 mod maps;
+mod sendmsg;
 mod setsockopt;
+mod sock;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,20 +3,21 @@
 //! The kernel refuses `IP_FREEBIND` from `bpf_setsockopt()`, but lets this hook rewrite
 //! the syscall it is looking at. So on a socket's first setsockopt() whose option
 //! `bpf_setsockopt()` can apply, the program applies the application's option itself and
-//! turns the syscall into `IP_FREEBIND = 1` (`IPV6_FREEBIND` on AF_INET6), which the
+//! turns the syscall into `IP_FREEBIND` (`IPV6_FREEBIND` on AF_INET6) with a non-zero
+//! argument, which the
 //! kernel then performs through its normal path.
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
+    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
     macros::cgroup_sockopt,
     programs::SockoptContext,
+    EbpfContext,
 };
 use aya_log_ebpf::debug;
-use freebind_common::{sock_flags, SockState, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use freebind_common::{sock_flags, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, NATIVE_MARK};
 
-use crate::maps::SOCK_STATE;
+use crate::sock;
 
 const TCP_CLOSE: u32 = 7;
 
@@ -97,38 +98,35 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     let optname = so.optname;
     let optlen = so.optlen;
 
-    // SAFETY: SOCK_STATE is an sk_storage map; `sk` is a full socket.
-    let state = unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(SOCK_STATE).cast_mut().cast(),
-            sk.cast(),
-            ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    }
-    .cast::<SockState>();
-    if state.is_null() {
+    // Only where the agent knows which addresses are local; elsewhere the socket stays
+    // ordinary and the kernel decides its binds alone.
+    if !sock::served(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
         return Err(());
     }
-    // SAFETY: non-null storage returned by the kernel, sized for SockState.
-    let state = unsafe { &mut *state };
+    let state = sock::state(sk.cast(), true).ok_or(())?;
     if state.flags & (sock_flags::NATIVE | sock_flags::APP_FREEBIND) != 0 {
         return Ok(());
     }
-    if is_freebind_option(level, optname) {
-        // The application manages freebind/transparent itself: never touch this socket.
-        state.flags |= sock_flags::APP_FREEBIND;
-        return Ok(());
-    }
-    if optlen != 4 || !can_apply(level, optname) {
-        return Ok(());
-    }
-
     let optval = unsafe { so.__bindgen_anon_2.optval }.cast::<u8>();
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end }.cast::<u8>();
     // The verifier only lets the program touch optval after this comparison.
-    if optval.is_null() || (optval as usize + 4) > optval_end as usize {
-        return Err(());
+    let int_arg = optlen == 4 && !optval.is_null() && (optval as usize + 4) <= optval_end as usize;
+
+    if is_freebind_option(level, optname) {
+        // Another freebind attachment on this syscall (a parent cgroup's, a second agent's)
+        // has rewritten it: the socket is freebind by native mode, and this attachment's
+        // policy applies too. Anything else is the application's own: never touched.
+        // SAFETY: read only when `int_arg` proved the 4 bytes are there.
+        let marked = int_arg && unsafe { ptr::read_unaligned(optval.cast::<i32>()) } == NATIVE_MARK;
+        state.flags |= if marked {
+            sock_flags::NATIVE
+        } else {
+            sock_flags::APP_FREEBIND
+        };
+        return Ok(());
+    }
+    if !int_arg || !can_apply(level, optname) {
+        return Ok(());
     }
     // SAFETY: bounds checked above; the kernel's copy of the user buffer.
     let mut value: i32 = unsafe { ptr::read_unaligned(optval.cast::<i32>()) };
@@ -156,7 +154,7 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     unsafe {
         ptr::write_volatile(ptr::addr_of_mut!(so.level), new_level);
         ptr::write_volatile(ptr::addr_of_mut!(so.optname), new_optname);
-        ptr::write_unaligned(optval.cast::<i32>(), 1);
+        ptr::write_unaligned(optval.cast::<i32>(), NATIVE_MARK);
     }
     state.flags |= sock_flags::NATIVE;
     debug!(

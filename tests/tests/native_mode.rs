@@ -38,7 +38,7 @@ fn python_http_server_bound_before_its_ipv4_address_exists_serves_across_remove_
         "{}",
         agent.log()
     );
-    assert!(agent.log().contains("freebind"), "{}", agent.log());
+    assert!(agent.log().contains("): freebind — "), "{}", agent.log());
 }
 
 #[test]
@@ -363,7 +363,7 @@ fn after_the_agent_stops_new_sockets_are_ordinary_and_existing_ones_keep_serving
     }
     let (link, cgroup, agent) = managed(&[]);
     let _server = python_http_server(&link.server, Some(&cgroup), "192.0.2.10", 8080);
-    assert_eq!(bpf_programs_attached(&cgroup).len(), 3);
+    assert_eq!(bpf_programs_attached(&cgroup).len(), 4);
     assert!(agent.stop().success(), "{}", agent.log());
     assert!(agent.log().contains("detached"), "{}", agent.log());
     assert_eq!(
@@ -391,11 +391,11 @@ fn a_second_attachment_on_the_same_cgroup_coexists_and_outlives_the_first() {
     let (link, cgroup, first) = managed(&[]);
     let second = Agent::run(&link.server, &cgroup, &[]);
     let attached = bpf_programs_attached(&cgroup);
-    assert_eq!(attached.len(), 6, "{attached:?}");
+    assert_eq!(attached.len(), 8, "{attached:?}");
     assert!(first.stop().success());
     let attached = bpf_programs_attached(&cgroup);
-    assert_eq!(attached.len(), 3, "{attached:?}");
-    for name in ["fb_bind4", "fb_bind6", "fb_setsockopt"] {
+    assert_eq!(attached.len(), 4, "{attached:?}");
+    for name in ["fb_bind4", "fb_bind6", "fb_sendmsg6", "fb_setsockopt"] {
         assert!(
             attached.iter().any(|(_, n)| n == name),
             "{name} missing: {attached:?}"
@@ -406,4 +406,163 @@ fn a_second_attachment_on_the_same_cgroup_coexists_and_outlives_the_first() {
         Ok(())
     );
     drop(second);
+}
+
+#[test]
+fn under_a_policy_the_servers_own_address_binds_exactly_while_it_is_local() {
+    if !require_root() {
+        return;
+    }
+    // 192.0.2.0/24 and 2001:db8::/32 are outside this policy: they may only be bound while
+    // local, which is what the agent's locality map (rtnetlink) must get right.
+    let (link, cgroup, _agent) = managed(&["--allow", "198.51.100.0/24"]);
+    let bind = |addr: &str| try_bind(&link.server, Some(&cgroup), "tcp", addr, 8080, true);
+    assert_eq!(bind("192.0.2.10"), Err(EADDRNOTAVAIL));
+    assert_eq!(
+        bind("198.51.100.7"),
+        Ok(()),
+        "inside the policy while not local"
+    );
+    freebind_e2e::scenario::add_server_addr(&link, "192.0.2.10/24");
+    wait_until("192.0.2.10 binds once it is local", SETTLE, || {
+        bind("192.0.2.10").is_ok()
+    });
+    assert_eq!(bind("::ffff:192.0.2.10"), Ok(()), "v4-mapped, local");
+    freebind_e2e::del_addr(&link.server, &link.server_if, "192.0.2.10/24");
+    wait_until(
+        "192.0.2.10 is refused again once it is gone",
+        SETTLE,
+        || bind("192.0.2.10") == Err(EADDRNOTAVAIL),
+    );
+
+    let sysctl = format!("net.ipv6.conf.{}.dad_transmits=5", link.server_if);
+    link.server.exec(&["sysctl", "-qw", &sysctl]);
+    add_addr6(&link.server, &link.server_if, "2001:db8::30/64", false);
+    assert!(addr6_tentative(
+        &link.server,
+        &link.server_if,
+        "2001:db8::30"
+    ));
+    assert_eq!(
+        bind("2001:db8::30"),
+        Err(EADDRNOTAVAIL),
+        "tentative is not local"
+    );
+    wait_until("DAD completes", SETTLE, || {
+        !addr6_tentative(&link.server, &link.server_if, "2001:db8::30")
+    });
+    wait_until("2001:db8::30 binds once DAD is done", SETTLE, || {
+        bind("2001:db8::30").is_ok()
+    });
+}
+
+#[test]
+fn stacked_attachments_each_enforce_their_own_policy() {
+    if !require_root() {
+        return;
+    }
+    // The first attachment rewrites the syscall; the second must still see the socket as
+    // made freebind by native mode (not by the application) and apply its own policy.
+    let (link, cgroup, _any) = managed(&[]);
+    let _strict = Agent::run(&link.server, &cgroup, &["--allow", "192.0.2.0/24"]);
+    assert_eq!(
+        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.20", 8080, true),
+        Ok(())
+    );
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "tcp",
+            "203.0.113.5",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+    assert_eq!(
+        try_bind(
+            &link.server,
+            Some(&cgroup),
+            "udp",
+            "2001:db8::5",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+}
+
+const PKTINFO_PY: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 0))
+for src in sys.argv[1:]:
+    info = struct.pack("16sI", socket.inet_pton(socket.AF_INET6, src), 0)
+    try:
+        s.sendmsg([b"x"], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)], 0, ("::1", 9))
+        print(src, 0)
+    except OSError as e:
+        print(src, e.errno)
+"#;
+
+#[test]
+fn a_datagram_cannot_take_an_ipv6_source_outside_the_policy() {
+    if !require_root() {
+        return;
+    }
+    // A freebind AF_INET6 socket may name any source with IPV6_PKTINFO; the policy that
+    // limits its binds must limit those sources too.
+    let (link, cgroup, agent) = managed(&["--allow", "2001:db8:1::/48"]);
+    let sends = |cg| {
+        let out = run_in(
+            &link.server,
+            cg,
+            &["python3", "-c", PKTINFO_PY, "2001:db8::99", "2001:db8:1::5"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let managed = sends(Some(&cgroup));
+    assert!(
+        managed.contains(&format!("2001:db8::99 {}", libc::EPERM)),
+        "{managed}"
+    );
+    assert!(managed.contains("2001:db8:1::5 0"), "{managed}");
+    let plain = sends(None);
+    assert!(
+        plain.contains(&format!("2001:db8::99 {}", libc::EINVAL)),
+        "without freebind: {plain}"
+    );
+    wait_until("the refusal is logged", Duration::from_secs(5), || {
+        agent.log().contains("refused-source")
+    });
+}
+
+#[test]
+fn a_cgroup_member_in_another_network_namespace_is_left_to_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    // The agent watches the server's namespace only; in the client's, its map knows no
+    // address, so it must neither refuse the client's own address nor make sockets freebind.
+    let (link, cgroup, agent) = managed(&["--allow", "198.51.100.0/24"]);
+    assert_eq!(
+        try_bind(&link.client, Some(&cgroup), "tcp", "192.0.2.1", 8080, true),
+        Ok(())
+    );
+    assert_eq!(
+        try_bind(
+            &link.client,
+            Some(&cgroup),
+            "tcp",
+            "198.51.100.7",
+            8080,
+            true
+        ),
+        Err(EADDRNOTAVAIL)
+    );
+    wait_until("the decision is logged", Duration::from_secs(5), || {
+        agent.log().contains("other-netns")
+    });
 }
