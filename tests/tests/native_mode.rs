@@ -179,64 +179,16 @@ fn allow_policy_admits_its_prefix_and_refuses_others_with_eaddrnotavail() {
         return;
     }
     let (link, cgroup, agent) = managed(&["--allow", "192.0.2.0/24"]);
-    assert_eq!(
-        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.20", 8080, true),
-        Ok(())
-    );
-    assert_eq!(
-        try_bind(&link.server, Some(&cgroup), "udp", "192.0.2.21", 8080, true),
-        Ok(())
-    );
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "tcp",
-            "203.0.113.5",
-            8080,
-            true
-        ),
-        Err(EADDRNOTAVAIL)
-    );
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "tcp",
-            "2001:db8::5",
-            8080,
-            true
-        ),
-        Err(EADDRNOTAVAIL)
-    );
+    let bind = |proto, addr, port| try_bind(&link.server, Some(&cgroup), proto, addr, port, true);
+    assert_eq!(bind("tcp", "192.0.2.20", 8080), Ok(()));
+    assert_eq!(bind("udp", "192.0.2.21", 8080), Ok(()));
+    assert_eq!(bind("tcp", "203.0.113.5", 8080), Err(EADDRNOTAVAIL));
+    assert_eq!(bind("tcp", "2001:db8::5", 8080), Err(EADDRNOTAVAIL));
     // The same address written v4-mapped on an AF_INET6 socket is judged as IPv4.
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "tcp",
-            "::ffff:203.0.113.5",
-            8080,
-            true
-        ),
-        Err(EADDRNOTAVAIL)
-    );
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "tcp",
-            "::ffff:192.0.2.22",
-            8080,
-            true
-        ),
-        Ok(())
-    );
+    assert_eq!(bind("tcp", "::ffff:203.0.113.5", 8080), Err(EADDRNOTAVAIL));
+    assert_eq!(bind("tcp", "::ffff:192.0.2.22", 8080), Ok(()));
     // Addresses that are local bind as ever, policy or not.
-    assert_eq!(
-        try_bind(&link.server, Some(&cgroup), "tcp", "127.0.0.1", 0, true),
-        Ok(())
-    );
+    assert_eq!(bind("tcp", "127.0.0.1", 0), Ok(()));
     wait_until("the refusal is logged", Duration::from_secs(5), || {
         agent.log().contains("bind 203.0.113.5:8080/tcp by python3")
     });
@@ -465,32 +417,10 @@ fn stacked_attachments_each_enforce_their_own_policy() {
     // made freebind by native mode (not by the application) and apply its own policy.
     let (link, cgroup, _any) = managed(&[]);
     let _strict = Agent::run(&link.server, &cgroup, &["--allow", "192.0.2.0/24"]);
-    assert_eq!(
-        try_bind(&link.server, Some(&cgroup), "tcp", "192.0.2.20", 8080, true),
-        Ok(())
-    );
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "tcp",
-            "203.0.113.5",
-            8080,
-            true
-        ),
-        Err(EADDRNOTAVAIL)
-    );
-    assert_eq!(
-        try_bind(
-            &link.server,
-            Some(&cgroup),
-            "udp",
-            "2001:db8::5",
-            8080,
-            true
-        ),
-        Err(EADDRNOTAVAIL)
-    );
+    let bind = |proto, addr, port| try_bind(&link.server, Some(&cgroup), proto, addr, port, true);
+    assert_eq!(bind("tcp", "192.0.2.20", 8080), Ok(()));
+    assert_eq!(bind("tcp", "203.0.113.5", 8080), Err(EADDRNOTAVAIL));
+    assert_eq!(bind("udp", "2001:db8::5", 8080), Err(EADDRNOTAVAIL));
 }
 
 const PKTINFO_PY: &str = r#"
