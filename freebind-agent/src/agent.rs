@@ -1,11 +1,6 @@
 //! A foreground agent: one attachment, its address watch and its event stream, served
 //! until the caller's future completes.
-use std::{
-    future::Future,
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{future::Future, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -34,7 +29,6 @@ pub struct Agent {
     logger: Option<AsyncFd<Logger>>,
     watch: AddrWatch,
     locality: Locality,
-    cgroup: PathBuf,
 }
 
 impl Agent {
@@ -70,12 +64,7 @@ impl Agent {
             logger,
             watch,
             locality,
-            cgroup: cgroup.to_path_buf(),
         })
-    }
-
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
     }
 
     /// Serves until `stop` completes and returns its output.
@@ -168,15 +157,5 @@ fn log_transition(addr: std::net::IpAddr, t: Transition, how: Option<(&str, &str
     match t {
         Transition::BecameLocal => log::info!("address {addr} is now local{how}"),
         Transition::NoLongerLocal => log::info!("address {addr} is no longer local{how}"),
-    }
-}
-
-impl std::fmt::Debug for Agent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("cgroup", &self.cgroup)
-            .field("watch_fd", &self.watch.raw_fd())
-            .field("events_fd", &self.events.as_raw_fd())
-            .finish()
     }
 }

@@ -31,6 +31,32 @@ fn stats(mut v: Vec<f64>) -> Stats {
     }
 }
 
+impl Stats {
+    fn json(&self) -> serde_json::Value {
+        json!({"min": self.min, "median": self.median, "max": self.max})
+    }
+}
+
+/// `rounds` rounds of (measured, baseline), each pair taken back to back: the stats of
+/// both and of their per-round ratio.
+fn compare(rounds: usize, mut round: impl FnMut() -> Result<(f64, f64)>) -> Result<[Stats; 3]> {
+    let (mut measured, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (m, b) = round()?;
+        measured.push(m);
+        base.push(b);
+        ratio.push(m / b);
+    }
+    Ok([stats(measured), stats(base), stats(ratio)])
+}
+
+fn print_row(label: &str, [m, b, r]: &[Stats; 3]) {
+    println!(
+        "{label:<10} {:>8.0} {:>8.0} {:>8.0}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
+        m.min, m.median, m.max, b.min, b.median, b.max, r.min, r.median, r.max
+    );
+}
+
 fn bindloop(
     bin: &Path,
     ns: &Netns,
@@ -96,50 +122,35 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             ("tcp", "2001:db8::55", "tcp6"),
             ("udp", "2001:db8::55", "udp6"),
         ] {
-            let (mut managed, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                let m = bindloop(&bin, &ns, Some(&cgroup), proto, addr, iters, "plain")?;
-                let b = bindloop(&bin, &ns, None, proto, addr, iters, "self-freebind")?;
-                managed.push(m);
-                base.push(b);
-                ratio.push(m / b);
-            }
-            let (m, b, r) = (stats(managed), stats(base), stats(ratio));
-            println!(
-                "{label:<10} {:>8.0} {:>8.0} {:>8.0}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
-                m.min, m.median, m.max, b.min, b.median, b.max, r.min, r.median, r.max
-            );
+            let cmp = compare(rounds, || {
+                Ok((
+                    bindloop(&bin, &ns, Some(&cgroup), proto, addr, iters, "plain")?,
+                    bindloop(&bin, &ns, None, proto, addr, iters, "self-freebind")?,
+                ))
+            })?;
+            print_row(label, &cmp);
+            let [m, b, r] = &cmp;
             results.push(json!({
                 "benchmark": "bind_path", "case": label, "unit": "ns/bind",
-                "managed": {"min": m.min, "median": m.median, "max": m.max},
-                "baseline_ip_freebind": {"min": b.min, "median": b.median, "max": b.max},
-                "ratio": {"min": r.min, "median": r.median, "max": r.max},
+                "managed": m.json(), "baseline_ip_freebind": b.json(), "ratio": r.json(),
                 "goal": "<= 1.05",
             }));
         }
     }
 
     println!("\nbystanders: the IP_FREEBIND loop (tcp4) outside any managed cgroup, agent serving another cgroup ÷ no agent");
-    let (mut with, mut without, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    let cmp = compare(rounds, || {
         let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
-        let w = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+        let with = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
         agent.stop();
-        let n = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
-        with.push(w);
-        without.push(n);
-        ratio.push(w / n);
-    }
-    let (w, n, r) = (stats(with), stats(without), stats(ratio));
-    println!(
-        "{:<10} {:>8.0} {:>8.0} {:>8.0}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
-        "tcp4", w.min, w.median, w.max, n.min, n.median, n.max, r.min, r.median, r.max
-    );
+        let without = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+        Ok((with, without))
+    })?;
+    print_row("tcp4", &cmp);
+    let [w, n, r] = &cmp;
     results.push(json!({
         "benchmark": "bystander", "case": "tcp4", "unit": "ns/bind",
-        "agent_elsewhere": {"min": w.min, "median": w.median, "max": w.max},
-        "no_agent": {"min": n.min, "median": n.median, "max": n.max},
-        "ratio": {"min": r.min, "median": r.median, "max": r.max},
+        "agent_elsewhere": w.json(), "no_agent": n.json(), "ratio": r.json(),
         "goal": "<= 1.01",
     }));
 
