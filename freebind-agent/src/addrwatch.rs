@@ -1,4 +1,4 @@
-//! The address watch: rtnetlink `RTM_NEWADDR`/`RTM_DELADDR` in the agent's network
+//! The address watch: rtnetlink `RTM_NEWADDR`/`RTM_DELADDR` in a served network
 //! namespace, turned into the set of addresses `bind()` accepts there.
 //!
 //! The wire format is small and stable, so it is parsed here rather than through a
@@ -8,11 +8,13 @@ use std::{
     ffi::CStr,
     io, mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::{bail, Context as _, Result};
 use tokio::io::unix::AsyncFd;
+
+use crate::netns::Netns;
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
@@ -105,7 +107,7 @@ pub struct AddrWatch {
     buf: Vec<u8>,
 }
 
-fn netlink_socket(groups: u32, nonblocking: bool) -> Result<OwnedFd> {
+pub(crate) fn netlink_socket(groups: u32, nonblocking: bool) -> Result<OwnedFd> {
     let flags =
         libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket/bind syscalls; the fd is owned right away.
@@ -132,9 +134,10 @@ fn netlink_socket(groups: u32, nonblocking: bool) -> Result<OwnedFd> {
 }
 
 impl AddrWatch {
-    /// Subscribes first, so that nothing between the dump and the subscription is lost.
-    pub fn open() -> Result<Self> {
-        let fd = netlink_socket(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR, true)?;
+    /// Subscribes to the changes in `netns` (call it before the dump, so that nothing
+    /// between the dump and the subscription is lost).
+    pub fn open(netns: &Netns) -> Result<Self> {
+        let fd = netns.run(|| netlink_socket(RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR, true))?;
         // SAFETY: the OwnedFd stays open for as long as the AsyncFd owns it.
         let fd = unsafe { AsyncFd::register(fd) }.context("registering the rtnetlink socket")?;
         Ok(Self {
@@ -143,19 +146,17 @@ impl AddrWatch {
         })
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.get_ref().as_raw_fd()
-    }
-
-    /// Every address in the namespace now (a blocking dump on a socket of its own),
-    /// repeated while the kernel reports it was interrupted by a change.
-    pub fn dump() -> Result<Vec<IfAddr>> {
-        for _ in 0..10 {
-            if let Some(addrs) = dump_once()? {
-                return Ok(addrs);
+    /// Every address in `netns` now (a blocking dump on a socket of its own), repeated
+    /// while the kernel reports it was interrupted by a change.
+    pub fn dump(netns: &Netns) -> Result<Vec<IfAddr>> {
+        netns.run(|| {
+            for _ in 0..10 {
+                if let Some(addrs) = dump_once()? {
+                    return Ok(addrs);
+                }
             }
-        }
-        bail!("the rtnetlink address dump kept being interrupted by address changes")
+            bail!("the rtnetlink address dump kept being interrupted by address changes")
+        })
     }
 
     /// The next batch of changes. `Ok(None)` means the kernel dropped notifications
@@ -338,8 +339,14 @@ fn parse_ifaddr(body: &[u8]) -> Vec<IfAddr> {
     out
 }
 
-/// The interface's name for log lines, or its index when it is already gone.
-pub fn ifname(ifindex: u32) -> String {
+/// The interface's name in `netns` for log lines, or its index when it is already gone.
+pub fn ifname(netns: &Netns, ifindex: u32) -> String {
+    netns
+        .run(|| Ok(ifname_here(ifindex)))
+        .unwrap_or_else(|_| format!("ifindex {ifindex}"))
+}
+
+fn ifname_here(ifindex: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: buffer of IF_NAMESIZE bytes as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };

@@ -1,70 +1,145 @@
-//! A foreground agent: one attachment, its address watch and its event stream, served
-//! until the caller's future completes.
-use std::{future::Future, path::Path, time::Duration};
+//! A foreground agent: one attachment, the network namespaces it serves (address watch and
+//! steering in each) and its event stream, served until the caller's future completes.
+use std::{future::Future, net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
-use tokio::io::unix::AsyncFd;
+use aya::maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
+use freebind_common::{BindEvent, LocalAddrKey, SlotKey, Verdict, AF_INET, AF_INET6};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
 use crate::{
     addrwatch::{ifname, AddrChange, AddrWatch, Transition},
     cgroup::cgroup_id,
-    kernel,
     loader::{Attachment, Logger},
-    locality::Locality,
+    locality::{LocalMap, Locality},
+    netns::Netns,
     policy::Policy,
     report,
+    steer::{SteerMaps, Steering},
 };
 
-/// The bind hooks submit events without waking the agent (see bind.rs); it drains them
+/// The bind hooks submit events without waking the agent (see sock.rs); it drains them
 /// this often. 256 KiB of ring holds about 4,000 events: 80,000 binds/s before any drop.
 const EVENT_DRAIN_PERIOD: Duration = Duration::from_millis(50);
 
+/// What a namespace's watch task reports: its cookie and the next batch of changes
+/// (`None`: rtnetlink overran, resynchronise).
+type WatchReport = (u64, Result<Option<Vec<AddrChange>>>);
+
+/// A network namespace the agent serves.
+struct Served {
+    netns: Arc<Netns>,
+    locality: Locality,
+    steering: Option<Steering>,
+    watch: JoinHandle<()>,
+}
+
 pub struct Agent {
-    // Field order is drop order: detach the programs first.
-    _attachment: Attachment,
-    events: RingBuf<MapData>,
+    // An Option so that Drop can detach the cgroup programs before it stops serving the
+    // namespaces (sk_lookup links, parking addresses): nothing may park with no steering.
+    attachment: Option<Attachment>,
+    served: Vec<Served>,
+    local_addrs: LocalMap,
+    served_netns: AyaHashMap<MapData, u64, u8>,
+    steer_maps: SteerMaps,
+    park_owners: AyaHashMap<MapData, SlotKey, LocalAddrKey>,
+    events: AsyncFd<RingBuf<MapData>>,
     events_dropped: PerCpuArray<MapData, u64>,
     dropped_seen: u64,
     logger: Option<AsyncFd<Logger>>,
-    watch: AddrWatch,
-    locality: Locality,
+    changes_tx: mpsc::UnboundedSender<WatchReport>,
+    changes: mpsc::UnboundedReceiver<WatchReport>,
 }
 
 impl Agent {
-    /// Loads, fills the locality map from a dump of the namespace's addresses, then
-    /// attaches: a bind is never judged against an empty map.
-    pub fn start(cgroup: &Path, policy: &Policy) -> Result<Self> {
+    /// Loads, serves the agent's own network namespace and `extra` ones (locality from a
+    /// dump of their addresses, steering), then attaches: a bind is never judged against an
+    /// empty map nor parked where nothing steers.
+    pub fn start(cgroup: &Path, policy: &Policy, extra: Vec<Netns>) -> Result<Self> {
         let (mut attachment, maps) = Attachment::load(policy)?;
-        let watch = AddrWatch::open()?;
-        let netns_cookie = kernel::netns_cookie(watch.raw_fd())?;
-        let mut locality = Locality::new(maps.local_addrs, netns_cookie);
-        locality.resync(&AddrWatch::dump()?)?;
-        let mut served = maps.served_netns;
-        served
-            .insert(netns_cookie, 1, 0)
-            .context("registering the agent's network namespace in SERVED_NETNS")?;
-        attachment.attach(cgroup)?;
-        let id = cgroup_id(cgroup)?;
-        log::info!(
-            "attached to cgroup {} (id {id}); may bind while not local: {policy}",
-            cgroup.display()
-        );
         let logger = attachment
             .take_logger()
             // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
             .map(|l| unsafe { AsyncFd::register(l) }.map_err(|e| e.into_parts().1))
             .transpose()
             .context("registering the eBPF log reader")?;
-        Ok(Self {
-            _attachment: attachment,
-            events: maps.events,
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
+        let events = unsafe { AsyncFd::register(maps.events) }
+            .map_err(|e| e.into_parts().1)
+            .context("registering the event ring buffer")?;
+        let (changes_tx, changes) = mpsc::unbounded_channel();
+        let mut agent = Self {
+            attachment: None,
+            served: Vec::new(),
+            local_addrs: maps.local_addrs,
+            served_netns: maps.served_netns,
+            steer_maps: maps.steer_maps,
+            park_owners: maps.park_owners,
+            events,
             events_dropped: maps.events_dropped,
             dropped_seen: 0,
             logger,
-            watch,
+            changes_tx,
+            changes,
+        };
+        agent.serve(Netns::current()?)?;
+        for ns in extra {
+            agent.serve(ns)?;
+        }
+        attachment.attach(cgroup)?;
+        agent.attachment = Some(attachment);
+        let id = cgroup_id(cgroup)?;
+        log::info!(
+            "attached to cgroup {} (id {id}); may bind while not local: {policy}",
+            cgroup.display()
+        );
+        Ok(agent)
+    }
+
+    /// Starts serving a network namespace: its address watch, its steering, its locality.
+    fn serve(&mut self, netns: Netns) -> Result<()> {
+        if self
+            .served
+            .iter()
+            .any(|s| s.netns.cookie() == netns.cookie())
+        {
+            return Ok(());
+        }
+        let netns = Arc::new(netns);
+        let mut watch = AddrWatch::open(&netns)?;
+        let steering = Steering::start(&netns, &mut self.steer_maps)?;
+        let mut locality = Locality::new(netns.cookie());
+        locality.resync(&mut self.local_addrs, &AddrWatch::dump(&netns)?)?;
+        self.served_netns
+            .insert(netns.cookie(), 1, 0)
+            .with_context(|| {
+                format!(
+                    "registering network namespace {} in SERVED_NETNS",
+                    netns.label()
+                )
+            })?;
+        let tx = self.changes_tx.clone();
+        let cookie = netns.cookie();
+        let watch = tokio::spawn(async move {
+            loop {
+                let r = watch.next().await;
+                let failed = r.is_err();
+                if tx.send((cookie, r)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        log::info!(
+            "serving network namespace {} (cookie {cookie}): native and steer mode",
+            netns.label()
+        );
+        self.served.push(Served {
+            netns,
             locality,
-        })
+            steering: Some(steering),
+            watch,
+        });
+        Ok(())
     }
 
     /// Serves until `stop` completes and returns its output.
@@ -85,7 +160,12 @@ impl Agent {
                     return Ok(out);
                 }
                 _ = drain.tick() => self.drain_events(),
-                changes = self.watch.next() => self.on_addr_changes(changes?)?,
+                // Only steered UDP binds wake the agent (see sock.rs).
+                ready = self.events.readable() => {
+                    ready.context("waiting on the event ring buffer")?.clear_ready();
+                    self.drain_events();
+                }
+                Some((cookie, changes)) = self.changes.recv() => self.on_addr_changes(cookie, changes?)?,
                 _ = logger_ready => {
                     if let Some(l) = self.logger.as_mut() {
                         l.get_mut().flush();
@@ -96,14 +176,34 @@ impl Agent {
     }
 
     fn drain_events(&mut self) {
-        while let Some(item) = self.events.next() {
+        let mut udp_parked_in = Vec::new();
+        let mut follow = Vec::new();
+        let mut batch = Vec::new();
+        while let Some(item) = self.events.get_mut().next() {
             match report::decode(&item) {
-                Some(ev) => {
-                    let (level, line) = report::describe(&ev);
-                    log::log!(level, "{line}");
-                }
+                Some(ev) => batch.push(ev),
                 None => log::warn!("undecodable bind event of {} bytes", item.len()),
             }
+        }
+        for ev in batch {
+            let intended = self.intended_of(&ev);
+            let (level, line) = report::describe(&ev, intended);
+            log::log!(level, "{line}");
+            match Verdict::from_u8(ev.verdict) {
+                Some(Verdict::Steered) if ev.protocol == freebind_common::IPPROTO_UDP => {
+                    udp_parked_in.push(ev.netns_cookie)
+                }
+                Some(Verdict::OtherNetns) => follow.push(ev),
+                _ => {}
+            }
+        }
+        udp_parked_in.sort_unstable();
+        udp_parked_in.dedup();
+        for cookie in udp_parked_in {
+            self.enter_udp_sockets(cookie);
+        }
+        for ev in follow {
+            self.follow(&ev);
         }
         let dropped: u64 = self
             .events_dropped
@@ -119,41 +219,167 @@ impl Agent {
         }
     }
 
-    fn on_addr_changes(&mut self, changes: Option<Vec<AddrChange>>) -> Result<()> {
+    /// For a parked socket's connect event: the address it is parked for.
+    fn intended_of(&self, ev: &BindEvent) -> Option<IpAddr> {
+        if Verdict::from_u8(ev.verdict) != Some(Verdict::ParkedConnect) {
+            return None;
+        }
+        let key = SlotKey {
+            netns_cookie: ev.netns_cookie,
+            slot: ev.slot,
+            family: if ev.addr_is_v4 != 0 {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            _pad: [0; 3],
+        };
+        let owner = self.park_owners.get(&key, 0).ok()?;
+        Some(if owner.family == AF_INET {
+            IpAddr::from([owner.addr[0], owner.addr[1], owner.addr[2], owner.addr[3]])
+        } else {
+            IpAddr::from(owner.addr)
+        })
+    }
+
+    /// A managed process bound in a namespace the agent does not serve: serve it from now
+    /// on, so that the process's next binds there (a restart, a retry) get freebind too.
+    fn follow(&mut self, ev: &BindEvent) {
+        if self
+            .served
+            .iter()
+            .any(|s| s.netns.cookie() == ev.netns_cookie)
+        {
+            return;
+        }
+        let path = format!("/proc/{}/ns/net", ev.pid);
+        let ns = match Netns::named(&path) {
+            Ok(ns) if ns.cookie() == ev.netns_cookie => ns,
+            Ok(_) | Err(_) => {
+                log::warn!(
+                    "pid {} bound in a network namespace this agent does not serve and has \
+                     already left it; start the agent there (`ip netns exec`) or name it with --netns",
+                    ev.pid
+                );
+                return;
+            }
+        };
+        match self.serve(ns) {
+            Ok(()) => log::info!(
+                "now also serving the network namespace of pid {} ({path}); that bind was left \
+                 to the kernel, its next ones get freebind",
+                ev.pid
+            ),
+            Err(e) => log::warn!(
+                "cannot serve the network namespace of pid {}: {e:#}",
+                ev.pid
+            ),
+        }
+    }
+
+    /// Runs the UDP iterator in the namespace: parked UDP sockets enter its steering map.
+    fn enter_udp_sockets(&mut self, cookie: u64) {
+        let Some(served) = self.served.iter().find(|s| s.netns.cookie() == cookie) else {
+            return;
+        };
+        let netns = Arc::clone(&served.netns);
+        let Some(attachment) = self.attachment.as_mut() else {
+            return;
+        };
+        if let Err(e) = attachment.enter_udp_sockets(&netns) {
+            log::warn!(
+                "entering parked UDP sockets of network namespace {} for steering: {e:#}",
+                netns.label()
+            );
+        }
+    }
+
+    fn on_addr_changes(&mut self, cookie: u64, changes: Option<Vec<AddrChange>>) -> Result<()> {
+        let Some(i) = self.served.iter().position(|s| s.netns.cookie() == cookie) else {
+            return Ok(());
+        };
+        let netns = Arc::clone(&self.served[i].netns);
+        let where_ = netns_suffix(&self.served[i], i);
         let Some(changes) = changes else {
-            log::warn!("rtnetlink dropped address notifications; re-reading every address");
-            for (addr, t) in self.locality.resync(&AddrWatch::dump()?)? {
-                log_transition(addr, t, None);
+            log::warn!("rtnetlink dropped address notifications{where_}; re-reading every address");
+            let dump = AddrWatch::dump(&netns)?;
+            let ts = self.served[i]
+                .locality
+                .resync(&mut self.local_addrs, &dump)?;
+            let appeared = ts.iter().any(|(_, t)| *t == Transition::BecameLocal);
+            for (addr, t) in ts {
+                log_transition(addr, t, None, &where_);
+            }
+            if appeared {
+                self.enter_udp_sockets(cookie);
             }
             return Ok(());
         };
+        let mut appeared = false;
         for change in changes {
             let (a, verb) = match change {
                 AddrChange::New(a) => (a, "added to"),
                 AddrChange::Del(a) => (a, "removed from"),
             };
-            match self.locality.apply(change)? {
-                Some(t) => log_transition(a.addr, t, Some((verb, &ifname(a.ifindex)))),
+            let t = self.served[i]
+                .locality
+                .apply(&mut self.local_addrs, change)?;
+            appeared |= t == Some(Transition::BecameLocal);
+            if crate::parking::is_parking(&a.addr) {
+                continue;
+            }
+            match t {
+                Some(t) => {
+                    log_transition(a.addr, t, Some((verb, &ifname(&netns, a.ifindex))), &where_)
+                }
                 None if matches!(change, AddrChange::New(_)) && !a.usable => log::info!(
-                    "address {} on {} is tentative (IPv6 DAD running): not local yet",
+                    "address {} on {}{where_} is tentative (IPv6 DAD running): not local yet",
                     a.addr,
-                    ifname(a.ifindex)
+                    ifname(&netns, a.ifindex)
                 ),
                 None => log::debug!(
-                    "address {} {verb} {}: no change in locality",
+                    "address {} {verb} {}{where_}: no change in locality",
                     a.addr,
-                    ifname(a.ifindex)
+                    ifname(&netns, a.ifindex)
                 ),
             }
+        }
+        // A UDP socket parked while its address was away is entered again now: cheap, and it
+        // covers any socket whose event was lost.
+        if appeared {
+            self.enter_udp_sockets(cookie);
         }
         Ok(())
     }
 }
 
-fn log_transition(addr: std::net::IpAddr, t: Transition, how: Option<(&str, &str)>) {
+impl Drop for Agent {
+    fn drop(&mut self) {
+        drop(self.attachment.take());
+        for mut s in self.served.drain(..) {
+            s.watch.abort();
+            s.locality.clear(&mut self.local_addrs);
+            let _ = self.served_netns.remove(&s.netns.cookie());
+            if let Some(steering) = s.steering.take() {
+                steering.stop(&s.netns, &mut self.steer_maps);
+            }
+        }
+    }
+}
+
+/// " in network namespace NAME" for every namespace but the agent's own (the first).
+fn netns_suffix(s: &Served, index: usize) -> String {
+    if index == 0 {
+        String::new()
+    } else {
+        format!(" in network namespace {}", s.netns.label())
+    }
+}
+
+fn log_transition(addr: IpAddr, t: Transition, how: Option<(&str, &str)>, where_: &str) {
     let how = how
-        .map(|(verb, ifname)| format!(" ({verb} {ifname})"))
-        .unwrap_or_default();
+        .map(|(verb, ifname)| format!(" ({verb} {ifname}{where_})"))
+        .unwrap_or_else(|| where_.to_owned());
     match t {
         Transition::BecameLocal => log::info!("address {addr} is now local{how}"),
         Transition::NoLongerLocal => log::info!("address {addr} is no longer local{how}"),

@@ -9,6 +9,7 @@ use crate::{
     agent::Agent,
     cgroup::{Cgroup2, TransientCgroup},
     exec, kernel,
+    netns::Netns,
     policy::Policy,
 };
 
@@ -30,16 +31,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+/// The namespaces named with `--netns`, opened before anything changes.
+fn open_netns(names: &[String]) -> Result<Vec<Netns>> {
+    names.iter().map(|n| Netns::named(n)).collect()
+}
+
 /// `run --cgroup PATH`: attach to an existing cgroup until SIGINT/SIGTERM.
-pub fn run(cgroup: &Path, allow: &[String]) -> Result<()> {
+pub fn run(cgroup: &Path, allow: &[String], netns: &[String]) -> Result<()> {
     let (policy, cg) = prepare(allow)?;
     let cgroup = cg.resolve(cgroup)?;
+    let extra = open_netns(netns)?;
     runtime()?.block_on(async {
         let mut sigint =
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut agent = Agent::start(&cgroup, &policy)?;
+        let mut agent = Agent::start(&cgroup, &policy, extra)?;
         log::info!(
             "ready: serving {} until SIGINT or SIGTERM",
             cgroup.display()
@@ -58,18 +65,28 @@ pub fn run(cgroup: &Path, allow: &[String]) -> Result<()> {
     })
 }
 
-/// `exec -- CMD`: a transient cgroup, attached, CMD in it; returns CMD's exit code.
-pub fn exec(cmd: &[OsString], allow: &[String]) -> Result<i32> {
+/// `exec [--netns NS] -- CMD`: a transient cgroup, attached, CMD in it (and in NS); returns
+/// CMD's exit code.
+pub fn exec(cmd: &[OsString], allow: &[String], netns: Option<&str>) -> Result<i32> {
     let (policy, cg) = prepare(allow)?;
+    // CMD enters the namespace through a descriptor of its own, the agent serves it
+    // through another.
+    let cmd_netns = netns.map(Netns::named).transpose()?;
+    let extra = netns.map(Netns::named).transpose()?.into_iter().collect();
     runtime()?.block_on(async {
         // Handlers first: a signal from here on is CMD's to receive, never a default
         // death of the agent that would leave the transient cgroup behind.
         let signals = exec::Signals::install()?;
         let transient = TransientCgroup::create(&cg)?;
-        let mut agent = Agent::start(transient.path(), &policy)?;
+        let mut agent = Agent::start(transient.path(), &policy, extra)?;
         log::info!("ready: running {} under freebind", cmd[0].to_string_lossy());
         let code = agent
-            .serve_until(exec::run_in_cgroup(cmd, transient.path(), signals))
+            .serve_until(exec::run_in_cgroup(
+                cmd,
+                transient.path(),
+                cmd_netns.as_ref(),
+                signals,
+            ))
             .await??;
         let left = transient.procs();
         if !left.is_empty() {

@@ -3,11 +3,16 @@ use std::{
     ffi::OsString,
     fs::OpenOptions,
     io,
-    os::{fd::AsRawFd as _, unix::process::ExitStatusExt as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::process::ExitStatusExt as _,
+    },
     path::Path,
 };
 
 use anyhow::{Context as _, Result};
+
+use crate::netns::Netns;
 use tokio::{
     process::Command,
     signal::unix::{signal, Signal, SignalKind},
@@ -51,8 +56,15 @@ impl Signals {
     }
 }
 
-/// Runs CMD in `cgroup` and returns the exit code a shell would report for it.
-pub async fn run_in_cgroup(cmd: &[OsString], cgroup: &Path, mut signals: Signals) -> Result<i32> {
+/// Runs CMD in `cgroup` (and in `netns` when given) and returns the exit code a shell would
+/// report for it.
+pub async fn run_in_cgroup(
+    cmd: &[OsString],
+    cgroup: &Path,
+    netns: Option<&Netns>,
+    mut signals: Signals,
+) -> Result<i32> {
+    let netns_fd = netns.map(|n| n.as_fd().as_raw_fd());
     let procs_path = cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
         .write(true)
@@ -61,12 +73,18 @@ pub async fn run_in_cgroup(cmd: &[OsString], cgroup: &Path, mut signals: Signals
     let procs_fd = procs.as_raw_fd();
     let mut command = Command::new(&cmd[0]);
     command.args(&cmd[1..]);
-    // SAFETY: only write(2) runs between fork and exec. Joining here, before exec, means
-    // CMD's very first socket is already under the attached programs.
+    // SAFETY: only write(2) and setns(2) run between fork and exec. Joining here, before
+    // exec, means CMD's very first socket is already under the attached programs, and in
+    // the namespace the agent already serves.
     unsafe {
         command.pre_exec(move || {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -10,5 +10,8 @@ pub mod exec;
 pub mod kernel;
 pub mod loader;
 pub mod locality;
+pub mod netns;
+pub mod parking;
 pub mod policy;
 pub mod report;
+pub mod steer;

@@ -1,18 +1,24 @@
-//! Loading the eBPF object and attaching its programs to a cgroup.
-use std::{fs::File, net::IpAddr, path::Path};
+//! Loading the eBPF object and attaching its programs: the cgroup programs once per
+//! attachment, the sk_lookup program once per served network namespace.
+use std::{fs::File, io::Read as _, net::IpAddr, path::Path};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::Key, HashMap as AyaHashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray,
+        RingBuf,
+    },
     programs::{
-        cgroup_sockopt::CgroupSockoptLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt,
+        cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId,
+        sock_ops::SockOpsLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Iter, SkLookup,
+        SockOps,
     },
     util::KernelVersion,
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
-use freebind_common::{maps, programs, LocalAddrKey};
+use freebind_common::{maps, programs, LocalAddrKey, SlotKey};
 
-use crate::policy::Policy;
+use crate::{netns::Netns, policy::Policy};
 
 /// The object `cargo xtask build-ebpf` produced, embedded by build.rs (empty when the
 /// agent was built without it).
@@ -27,6 +33,16 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub events_dropped: PerCpuArray<MapData, u64>,
     pub served_netns: AyaHashMap<MapData, u64, u8>,
+    pub steer_maps: HashOfMaps<MapData, u64, MapData>,
+    pub park_owners: AyaHashMap<MapData, SlotKey, LocalAddrKey>,
+}
+
+/// A program attached to the cgroup, kept so that [`Attachment`]'s drop can detach in a
+/// chosen order.
+enum CgroupLink {
+    SockAddr(&'static str, CgroupSockAddrLinkId),
+    Sockopt(&'static str, CgroupSockoptLinkId),
+    SockOps(&'static str, SockOpsLinkId),
 }
 
 /// A loaded copy of freebind's programs: one per attachment, so each carries its own
@@ -35,38 +51,66 @@ pub struct Maps {
 pub struct Attachment {
     ebpf: Ebpf,
     logger: Option<Logger>,
-    setsockopt_link: Option<CgroupSockoptLinkId>,
+    links: Vec<CgroupLink>,
+}
+
+/// `AYA_LOG_LEVEL` for a load: the eBPF side's aya-log statements cost microseconds each;
+/// the level global skips them in the kernel unless the agent itself logs at that level.
+fn loader() -> EbpfLoader<'static> {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let level = LEVEL.get_or_init(|| log::max_level() as u8);
+    let mut l = EbpfLoader::new();
+    l.override_global(aya_log::LEVEL, level, false);
+    l
+}
+
+fn check_object() -> Result<()> {
+    if OBJECT.is_empty() {
+        bail!("this freebind-agent was built without its eBPF object: build it with `cargo xtask build`");
+    }
+    Ok(())
 }
 
 impl Attachment {
-    /// Loads the object, verifies every program and fills the policy; attaches nothing.
+    /// Loads the object, verifies every cgroup program and the UDP iterator, and fills the
+    /// policy; attaches nothing.
     pub fn load(policy: &Policy) -> Result<(Self, Maps)> {
-        if OBJECT.is_empty() {
-            bail!("this freebind-agent was built without its eBPF object: build it with `cargo xtask build`");
-        }
-        // The eBPF side's aya-log statements cost microseconds each; the level global
-        // skips them in the kernel unless the agent itself logs at that level (-v).
-        let log_level = log::max_level() as u8;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &log_level, false)
+        check_object()?;
+        let mut ebpf = loader()
             .load(OBJECT)
             .context("loading freebind's eBPF object (maps and BTF)")?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| log::debug!("eBPF debug log unavailable: {e}"))
             .ok();
-        for name in [programs::BIND4, programs::BIND6, programs::SENDMSG6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
+        for &name in &programs::CGROUP_ATTACH_ORDER {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+            let loaded = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::CgroupSockopt(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            };
+            loaded.with_context(|| format!("verifying {name}"))?;
         }
-        let prog: &mut CgroupSockopt = program(&mut ebpf, programs::SETSOCKOPT)?;
-        prog.load()
-            .with_context(|| format!("verifying {}", programs::SETSOCKOPT))?;
+        let btf = Btf::from_sys_fs()
+            .context("reading the kernel's BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)")?;
+        let iter: &mut Iter = program(&mut ebpf, programs::ITER_UDP)?;
+        iter.load("udp", &btf).with_context(|| {
+            format!(
+                "verifying {} (a UDP socket iterator, Linux 5.9)",
+                programs::ITER_UDP
+            )
+        })?;
 
         let maps = Maps {
             local_addrs: take_map(&mut ebpf, maps::LOCAL_ADDRS)?,
             events: take_map(&mut ebpf, maps::EVENTS)?,
             events_dropped: take_map(&mut ebpf, maps::EVENTS_DROPPED)?,
             served_netns: take_map(&mut ebpf, maps::SERVED_NETNS)?,
+            steer_maps: take_map(&mut ebpf, maps::STEER_MAPS)?,
+            park_owners: take_map(&mut ebpf, maps::PARK_OWNERS)?,
         };
         let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::ALLOW_V4)?;
         let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::ALLOW_V6)?;
@@ -83,33 +127,58 @@ impl Attachment {
             Self {
                 ebpf,
                 logger,
-                setsockopt_link: None,
+                links: Vec::new(),
             },
             maps,
         ))
     }
 
-    /// Attaches to the cgroup alongside whatever else is attached there (BPF_F_ALLOW_MULTI,
-    /// so systemd's own programs keep working). The policy hooks go first: a socket must
-    /// not become freebind before the policy check is in place.
+    /// Attaches to the cgroup alongside whatever else is attached there (multi-attach, so
+    /// systemd's own programs keep working), in [`programs::CGROUP_ATTACH_ORDER`]: what
+    /// parked and freebind sockets rely on first, the hooks that make them after.
     pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
         let cg =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mode = attach_mode();
-        for name in [programs::BIND4, programs::BIND6, programs::SENDMSG6] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.attach(&cg, mode)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+        for &name in &programs::CGROUP_ATTACH_ORDER {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+            let link = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    p.attach(&cg, mode).map(|l| CgroupLink::SockAddr(name, l))
+                }
+                aya::programs::Program::CgroupSockopt(p) => {
+                    p.attach(&cg, mode).map(|l| CgroupLink::Sockopt(name, l))
+                }
+                aya::programs::Program::SockOps(p) => {
+                    p.attach(&cg, mode).map(|l| CgroupLink::SockOps(name, l))
+                }
+                _ => bail!("program {name} has an unexpected type"),
+            }
+            .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            self.links.push(link);
         }
-        let prog: &mut CgroupSockopt = program(&mut self.ebpf, programs::SETSOCKOPT)?;
-        let link = prog.attach(&cg, mode).with_context(|| {
-            format!(
-                "attaching {} to cgroup {}",
-                programs::SETSOCKOPT,
-                cgroup.display()
-            )
+        Ok(())
+    }
+
+    /// Runs the UDP iterator in `netns`: every parked UDP socket there enters the
+    /// namespace's steering map (again: entries are replaced, never duplicated).
+    pub fn enter_udp_sockets(&mut self, netns: &Netns) -> Result<()> {
+        let iter: &mut Iter = program(&mut self.ebpf, programs::ITER_UDP)?;
+        let id = iter
+            .attach()
+            .with_context(|| format!("creating a link for {}", programs::ITER_UDP))?;
+        let link = iter.take_link(id)?;
+        // The iterator walks the namespace of the task that creates it.
+        let mut file = netns.run(move || {
+            link.into_file()
+                .context("creating the UDP socket iterator (bpf_iter_create)")
         })?;
-        self.setsockopt_link = Some(link);
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink)
+            .context("running the UDP socket iterator")?;
         Ok(())
     }
 
@@ -130,16 +199,87 @@ fn attach_mode() -> CgroupAttachMode {
 }
 
 impl Drop for Attachment {
-    /// Native mode goes first, so that no socket becomes freebind after its bind hooks are
-    /// gone (aya would drop the programs in hash order).
+    /// In reverse attach order: native mode first and the bind hooks next, so that no
+    /// socket becomes freebind or parked after what serves it is gone (aya would drop the
+    /// programs in hash order).
     fn drop(&mut self) {
-        if let Some(link) = self.setsockopt_link.take() {
-            if let Ok(prog) = program::<CgroupSockopt>(&mut self.ebpf, programs::SETSOCKOPT) {
-                if let Err(e) = prog.detach(link) {
-                    log::warn!("detaching {}: {e}", programs::SETSOCKOPT);
-                }
+        while let Some(link) = self.links.pop() {
+            let (name, result) = match link {
+                CgroupLink::SockAddr(name, id) => (
+                    name,
+                    program::<CgroupSockAddr>(&mut self.ebpf, name).and_then(|p| Ok(p.detach(id)?)),
+                ),
+                CgroupLink::Sockopt(name, id) => (
+                    name,
+                    program::<CgroupSockopt>(&mut self.ebpf, name).and_then(|p| Ok(p.detach(id)?)),
+                ),
+                CgroupLink::SockOps(name, id) => (
+                    name,
+                    program::<SockOps>(&mut self.ebpf, name).and_then(|p| Ok(p.detach(id)?)),
+                ),
+            };
+            if let Err(e) = result {
+                log::warn!("detaching {name}: {e:#}");
             }
         }
+    }
+}
+
+/// The sk_lookup program of one network namespace: a separate load of the object, because
+/// an sk_lookup program cannot learn which namespace it runs in (no bpf_get_netns_cookie
+/// there), so each namespace's copy reads its own `STEER_SOCKS`. Dropping it detaches.
+pub struct SteerLookup {
+    _ebpf: Ebpf,
+    socks: MapData,
+}
+
+/// Maps of the copy that only the cgroup programs use, shrunk to their minimum: hash maps
+/// are preallocated, and this copy exists once per namespace.
+const SK_LOOKUP_SHRUNK: &[(&str, u32)] = &[
+    (maps::LOCAL_ADDRS, 1),
+    (maps::SERVED_NETNS, 1),
+    (maps::PARKING, 1),
+    (maps::PARK_OWNERS, 1),
+    (maps::STEER_MAPS, 1),
+    (maps::ALLOW_V4, 1),
+    (maps::ALLOW_V6, 1),
+];
+
+impl SteerLookup {
+    /// Loads the sk_lookup program and attaches it to `netns`.
+    pub fn attach(netns: &Netns) -> Result<Self> {
+        check_object()?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+        let mut l = loader();
+        for &(name, n) in SK_LOOKUP_SHRUNK {
+            l.map_max_entries(name, n);
+        }
+        // Ring buffers are at least a page.
+        l.map_max_entries(maps::EVENTS, page);
+        let mut ebpf = l
+            .load(OBJECT)
+            .context("loading freebind's eBPF object for an sk_lookup program")?;
+        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+        prog.load()
+            .with_context(|| format!("verifying {} (sk_lookup, Linux 5.9)", programs::SK_LOOKUP))?;
+        prog.attach(netns).with_context(|| {
+            format!(
+                "attaching {} to network namespace {}",
+                programs::SK_LOOKUP,
+                netns.label()
+            )
+        })?;
+        let socks = match ebpf.take_map(maps::STEER_SOCKS) {
+            Some(Map::SockHash(m)) => m,
+            _ => bail!("the eBPF object has no SOCKHASH {}", maps::STEER_SOCKS),
+        };
+        Ok(Self { _ebpf: ebpf, socks })
+    }
+
+    /// The namespace's steering map, for `STEER_MAPS`.
+    pub fn socks(&self) -> &MapData {
+        &self.socks
     }
 }
 

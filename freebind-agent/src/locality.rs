@@ -1,4 +1,5 @@
-//! The `LOCAL_ADDRS` map the bind hooks consult, kept equal to what rtnetlink reports.
+//! The `LOCAL_ADDRS` map the bind hooks consult, kept equal to what rtnetlink reports in
+//! each served network namespace.
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
@@ -7,8 +8,10 @@ use freebind_common::{LocalAddrKey, AF_INET, AF_INET6};
 
 use crate::addrwatch::{AddrChange, IfAddr, LocalSet, Transition};
 
+pub type LocalMap = AyaHashMap<MapData, LocalAddrKey, u8>;
+
+/// One namespace's share of `LOCAL_ADDRS`.
 pub struct Locality {
-    map: AyaHashMap<MapData, LocalAddrKey, u8>,
     netns_cookie: u64,
     set: LocalSet,
 }
@@ -27,28 +30,25 @@ pub fn key(netns_cookie: u64, addr: IpAddr) -> LocalAddrKey {
 }
 
 impl Locality {
-    pub fn new(map: AyaHashMap<MapData, LocalAddrKey, u8>, netns_cookie: u64) -> Self {
+    pub fn new(netns_cookie: u64) -> Self {
         Self {
-            map,
             netns_cookie,
             set: LocalSet::default(),
         }
     }
 
     /// Applies one change; returns what it meant for the address.
-    pub fn apply(&mut self, change: AddrChange) -> Result<Option<Transition>> {
+    pub fn apply(&mut self, map: &mut LocalMap, change: AddrChange) -> Result<Option<Transition>> {
         let t = self.set.apply(change);
         let addr = match change {
             AddrChange::New(a) | AddrChange::Del(a) => a.addr,
         };
         let k = key(self.netns_cookie, addr);
         match t {
-            Some(Transition::BecameLocal) => self
-                .map
+            Some(Transition::BecameLocal) => map
                 .insert(k, 1, 0)
                 .with_context(|| format!("adding {addr} to the locality map"))?,
-            Some(Transition::NoLongerLocal) => self
-                .map
+            Some(Transition::NoLongerLocal) => map
                 .remove(&k)
                 .with_context(|| format!("removing {addr} from the locality map"))?,
             None => {}
@@ -58,7 +58,11 @@ impl Locality {
 
     /// Replaces everything with a fresh dump (at start, and after rtnetlink overran).
     /// Returns the transitions, so that what changed unseen is still reported.
-    pub fn resync(&mut self, now: &[IfAddr]) -> Result<Vec<(IpAddr, Transition)>> {
+    pub fn resync(
+        &mut self,
+        map: &mut LocalMap,
+        now: &[IfAddr],
+    ) -> Result<Vec<(IpAddr, Transition)>> {
         let mut fresh = LocalSet::default();
         for a in now {
             fresh.apply(AddrChange::New(*a));
@@ -76,16 +80,23 @@ impl Locality {
             .copied()
             .collect();
         for addr in gone {
-            let _ = self.map.remove(&key(self.netns_cookie, addr));
+            let _ = map.remove(&key(self.netns_cookie, addr));
             out.push((addr, Transition::NoLongerLocal));
         }
         for addr in came {
-            self.map
-                .insert(key(self.netns_cookie, addr), 1, 0)
+            map.insert(key(self.netns_cookie, addr), 1, 0)
                 .with_context(|| format!("adding {addr} to the locality map"))?;
             out.push((addr, Transition::BecameLocal));
         }
         self.set = fresh;
         Ok(out)
+    }
+
+    /// Removes this namespace's entries (it is no longer served).
+    pub fn clear(&mut self, map: &mut LocalMap) {
+        for addr in self.set.addrs() {
+            let _ = map.remove(&key(self.netns_cookie, *addr));
+        }
+        self.set = LocalSet::default();
     }
 }

@@ -24,11 +24,20 @@ enum Command {
         cgroup: PathBuf,
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Also serve this network namespace (an `ip netns` name or a path such as
+        /// /proc/PID/ns/net; repeatable). The agent's own is always served, and namespaces
+        /// the managed processes bind in are followed as they are seen.
+        #[arg(long = "netns", value_name = "NETNS")]
+        netns: Vec<String>,
     },
     /// Run CMD in a transient cgroup under freebind; exit with CMD's status.
     Exec {
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Run CMD in this network namespace (an `ip netns` name or a path), which the agent
+        /// serves as well as its own.
+        #[arg(long = "netns", value_name = "NETNS")]
+        netns: Option<String>,
         /// The command and its arguments (after `--`).
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<OsString>,
@@ -61,10 +70,14 @@ fn main() -> ExitCode {
         .init();
 
     let result = match &cli.command {
-        Command::Run { cgroup, policy } => {
-            freebind_agent::commands::run(cgroup, &policy.allow).map(|()| 0)
+        Command::Run {
+            cgroup,
+            policy,
+            netns,
+        } => freebind_agent::commands::run(cgroup, &policy.allow, netns).map(|()| 0),
+        Command::Exec { policy, netns, cmd } => {
+            freebind_agent::commands::exec(cmd, &policy.allow, netns.as_deref())
         }
-        Command::Exec { policy, cmd } => freebind_agent::commands::exec(cmd, &policy.allow),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -99,7 +112,7 @@ mod tests {
             "x",
         ])
         .unwrap();
-        let Command::Exec { policy, cmd } = cli.command else {
+        let Command::Exec { policy, cmd, .. } = cli.command else {
             panic!()
         };
         assert_eq!(policy.allow, ["192.0.2.0/24"]);

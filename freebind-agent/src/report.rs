@@ -3,6 +3,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use freebind_common::{BindEvent, Verdict, IPPROTO_TCP};
 
+use crate::parking;
+
 /// Decodes a ring-buffer record; `None` when it is not a `BindEvent` of this build.
 pub fn decode(bytes: &[u8]) -> Option<BindEvent> {
     if bytes.len() < std::mem::size_of::<BindEvent>() {
@@ -31,8 +33,9 @@ fn comm(ev: &BindEvent) -> String {
     String::from_utf8_lossy(&ev.comm[..end]).into_owned()
 }
 
-/// `bind 192.0.2.10:8080/tcp by nginx (pid 812): freebind — not local; made freebind …`
-pub fn describe(ev: &BindEvent) -> (log::Level, String) {
+/// `bind 192.0.2.10:8080/tcp by nginx (pid 812): freebind — not local; made freebind …`.
+/// `intended` is, for a parked socket's connect, the address it is parked for.
+pub fn describe(ev: &BindEvent, intended: Option<IpAddr>) -> (log::Level, String) {
     let proto = if ev.protocol == IPPROTO_TCP {
         "tcp"
     } else {
@@ -52,6 +55,9 @@ pub fn describe(ev: &BindEvent) -> (log::Level, String) {
             ),
         );
     };
+    let parked_at = parking::address(ev.addr_is_v4 != 0, ev.slot);
+    let steered;
+    let parked_connect;
     let (level, why) = match verdict {
         Verdict::Local => (Info, "the address is local; nothing to do"),
         Verdict::Freebind => (Info, "not local; the socket was made freebind (native mode)"),
@@ -70,15 +76,37 @@ pub fn describe(ev: &BindEvent) -> (log::Level, String) {
             Warn,
             "a datagram asked for this non-local source (IPV6_PKTINFO) outside the policy: EPERM",
         ),
+        Verdict::Steered => {
+            steered = format!(
+                "not local (or already parked here), and no setsockopt() came before bind(): \
+                 parked at {parked_at} and steered there (steer mode)"
+            );
+            (Info, steered.as_str())
+        }
+        Verdict::NoParking => (
+            Warn,
+            "not local, and steer mode has no parking address left for it in this network \
+             namespace (or the namespace has no IPv6): EADDRNOTAVAIL",
+        ),
+        Verdict::ParkedConnect => {
+            let parked_for = intended.map_or_else(|| "an absent address".to_owned(), |a| a.to_string());
+            parked_connect = format!(
+                "this socket is parked at {parked_at} for {parked_for}, and a parked socket cannot \
+                 connect to a peer (steer mode is for servers); the kernel refuses the connect. \
+                 Have the program call setsockopt() before bind() so that native mode takes it \
+                 (socat: add the reuseaddr option), or start it once its address exists"
+            );
+            (Warn, parked_connect.as_str())
+        }
     };
-    let what = if verdict == Verdict::RefusedSource {
-        format!(
+    let what = match verdict {
+        Verdict::RefusedSource => format!(
             "sendmsg/{proto} from {} to port {}",
             event_addr(ev),
             ev.port
-        )
-    } else {
-        format!("bind {addr}/{proto}")
+        ),
+        Verdict::ParkedConnect => format!("connect to {addr}/{proto}"),
+        _ => format!("bind {addr}/{proto}"),
     };
     (
         level,
@@ -108,15 +136,36 @@ mod tests {
             comm: [0; 16],
             verdict: Verdict::Freebind as u8,
             addr_is_v4: 1,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            slot: 0,
+            netns_cookie: 1,
         };
         ev.addr[..4].copy_from_slice(&[192, 0, 2, 10]);
         ev.comm[..5].copy_from_slice(b"nginx");
-        let (level, line) = describe(&ev);
+        let (level, line) = describe(&ev, None);
         assert_eq!(level, log::Level::Info);
         assert!(
             line.starts_with("bind 192.0.2.10:8080/tcp by nginx (pid 812, cgroup id 42): freebind"),
             "{line}"
         );
+
+        ev.verdict = Verdict::Steered as u8;
+        ev.slot = 0x0102;
+        let (_, line) = describe(&ev, None);
+        assert!(line.contains(": steered — "), "{line}");
+        assert!(line.contains("parked at 127.254.1.2 "), "{line}");
+
+        ev.verdict = Verdict::ParkedConnect as u8;
+        let (level, line) = describe(&ev, Some("192.0.2.99".parse().unwrap()));
+        assert_eq!(level, log::Level::Warn);
+        assert!(
+            line.starts_with("connect to 192.0.2.10:8080/tcp by nginx"),
+            "{line}"
+        );
+        assert!(
+            line.contains("parked at 127.254.1.2 for 192.0.2.99"),
+            "{line}"
+        );
+        assert!(line.contains("reuseaddr"), "{line}");
     }
 }

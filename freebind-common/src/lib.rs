@@ -31,6 +31,17 @@ pub mod maps {
     /// `HashMap<u64, u8>`: cookies of the network namespaces whose addresses the agent
     /// keeps in `LOCAL_ADDRS`. Sockets elsewhere are left to the kernel entirely.
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
+    /// `HashMap<LocalAddrKey, u32>`: the parking slot of each intended address that steer
+    /// mode has parked, per network namespace.
+    pub const PARKING: &str = "PARKING";
+    /// `HashMap<SlotKey, LocalAddrKey>`: which intended address owns each parking slot.
+    pub const PARK_OWNERS: &str = "PARK_OWNERS";
+    /// `HashOfMaps<u64, SockHash<SteerKey>>`: per network namespace (by cookie), the
+    /// `STEER_SOCKS` of the sk_lookup program the agent attached there.
+    pub const STEER_MAPS: &str = "STEER_MAPS";
+    /// `SockHash<SteerKey>`: parked sockets by the address and port they asked for; one per
+    /// served network namespace, read by that namespace's sk_lookup program.
+    pub const STEER_SOCKS: &str = "STEER_SOCKS";
 }
 
 /// Program names as the kernel shows them (`bpftool prog`); 15 characters at most.
@@ -41,12 +52,100 @@ pub mod programs {
     pub const BIND4: &str = "fb_bind4";
     /// `cgroup/bind6`: the same for IPv6 (and v4-mapped) binds.
     pub const BIND6: &str = "fb_bind6";
-    /// `cgroup/sendmsg6`: the policy for IPv6 source addresses chosen per datagram.
+    /// `cgroup/sendmsg6`: the policy for IPv6 source addresses chosen per datagram, and the
+    /// intended source of steered sockets' replies.
     pub const SENDMSG6: &str = "fb_sendmsg6";
+    /// `cgroup/sendmsg4`: the intended source of steered IPv4 sockets' replies.
+    pub const SENDMSG4: &str = "fb_sendmsg4";
+    /// `cgroup/getsockname4`: steered sockets report the address they asked for.
+    pub const GETSOCKNAME4: &str = "fb_getsockname4";
+    /// `cgroup/getsockname6`.
+    pub const GETSOCKNAME6: &str = "fb_getsockname6";
+    /// `cgroup/connect4`: reports a `connect()` from a parked socket, which cannot work.
+    pub const CONNECT4: &str = "fb_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "fb_connect6";
+    /// `sockops`: enters steered TCP sockets in `STEER_SOCKS` when they listen.
+    pub const SOCK_OPS: &str = "fb_sock_ops";
+    /// `iter/udp`: enters steered UDP sockets in `STEER_SOCKS`, run by the agent.
+    pub const ITER_UDP: &str = "fb_iter_udp";
+    /// `sk_lookup`: one per served network namespace; steers traffic for an intended
+    /// address to its parked socket, and refuses traffic to parking addresses.
+    pub const SK_LOOKUP: &str = "fb_sk_lookup";
+
+    /// The cgroup programs, in the order the agent attaches them: everything a parked or
+    /// freebind socket relies on before the bind hooks that create such sockets, native
+    /// mode last.
+    pub const CGROUP_ATTACH_ORDER: [&str; 10] = [
+        GETSOCKNAME4,
+        GETSOCKNAME6,
+        SENDMSG4,
+        SENDMSG6,
+        CONNECT4,
+        CONNECT6,
+        SOCK_OPS,
+        BIND4,
+        BIND6,
+        SETSOCKOPT,
+    ];
 }
 
-/// Capacity of `SERVED_NETNS`.
+/// Where steer mode parks sockets. Both sides derive parking addresses from slots with
+/// these functions, so the agent can name them in its logs and assign them.
+pub mod parking {
+    /// IPv4 parking addresses are `127.254.0.0/16`: always local while `lo` is up (all of
+    /// 127.0.0.0/8 is), and away from 127.0.0.1 and the 127.0.x.y addresses resolvers and
+    /// hostnames use.
+    pub const V4_NET: [u8; 2] = [127, 254];
+    /// Slots 1..=V4_SLOTS.
+    pub const V4_SLOTS: u32 = 65_534;
+    /// IPv6 parking addresses are `fd66:7265:6562:696e::N/128` (a ULA prefix spelling
+    /// "freebin"), assigned by the agent on `lo` with `nodad`: `inet6_bind()` accepts only
+    /// assigned addresses, a local route is not enough.
+    pub const V6_NET: [u8; 8] = [0xfd, 0x66, 0x72, 0x65, 0x65, 0x62, 0x69, 0x6e];
+    /// Slots 1..=V6_SLOTS: distinct IPv6 intended addresses one network namespace can park.
+    pub const V6_SLOTS: u32 = 32;
+
+    /// The IPv4 parking address of `slot`, network byte order.
+    pub const fn v4(slot: u32) -> [u8; 4] {
+        [V4_NET[0], V4_NET[1], (slot >> 8) as u8, slot as u8]
+    }
+
+    /// The IPv6 parking address of `slot`.
+    pub const fn v6(slot: u32) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 8 {
+            a[i] = V6_NET[i];
+            i += 1;
+        }
+        a[14] = (slot >> 8) as u8;
+        a[15] = slot as u8;
+        a
+    }
+
+    pub const fn is_v4(a: &[u8]) -> bool {
+        a[0] == V4_NET[0] && a[1] == V4_NET[1]
+    }
+
+    pub const fn is_v6(a: &[u8; 16]) -> bool {
+        let mut i = 0;
+        while i < 8 {
+            if a[i] != V6_NET[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// Capacity of `SERVED_NETNS` and `STEER_MAPS`.
 pub const SERVED_NETNS_CAPACITY: u32 = 1_024;
+/// Capacity of `PARKING` and `PARK_OWNERS`: intended addresses parked over the agent's life.
+pub const PARKING_CAPACITY: u32 = 16_384;
+/// Capacity of each `STEER_SOCKS`: parked sockets in one network namespace.
+pub const STEER_SOCKS_CAPACITY: u32 = 16_384;
 
 /// The value native mode writes as the rewritten `IP_FREEBIND`/`IPV6_FREEBIND` argument.
 /// The kernel only tests it for non-zero; other freebind attachments running on the same
@@ -97,6 +196,10 @@ pub mod sock_flags {
     /// The application set `IP_FREEBIND`/`IPV6_FREEBIND`/`IP_TRANSPARENT`/`IPV6_TRANSPARENT`
     /// itself: freebind leaves the socket alone.
     pub const APP_FREEBIND: u32 = 1 << 1;
+    /// Steer mode parked the socket; [`SockState::intended`] holds what it asked for.
+    pub const STEERED: u32 = 1 << 2;
+    /// A `connect()` from this parked socket was reported once already.
+    pub const CONNECT_REPORTED: u32 = 1 << 3;
 }
 
 /// Value of `SOCK_STATE`, the per-socket storage.
@@ -105,8 +208,46 @@ pub mod sock_flags {
 pub struct SockState {
     /// [`sock_flags`] bits.
     pub flags: u32,
-    /// Always zero; reserved.
-    pub _reserved: u32,
+    /// The parking slot of a steered socket (see [`parking`]).
+    pub slot: u32,
+    /// The cookie of the network namespace a steered socket was parked in.
+    pub netns_cookie: u64,
+    /// The address a steered socket asked for, network byte order; IPv4 (also v4-mapped)
+    /// in `intended[..4]`.
+    pub intended: [u8; 16],
+    /// 1 when `intended` is IPv4.
+    pub intended_is_v4: u8,
+    /// Always zero.
+    pub _pad: [u8; 7],
+}
+
+/// Key of `STEER_SOCKS`: what a packet's destination must be for the sk_lookup program to
+/// hand it to the parked socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SteerKey {
+    /// The intended address, network byte order; IPv4 in `addr[..4]`, the rest zero.
+    pub addr: [u8; 16],
+    /// The socket's actual local port (not the one asked for, which is 0 for `bind(addr, 0)`),
+    /// host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: the family of `addr` (IPv4 for a v4-mapped bind), which
+    /// is the family of the packets that reach it.
+    pub family: u8,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+}
+
+/// Key of `PARK_OWNERS`: one parking slot in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub netns_cookie: u64,
+    pub slot: u32,
+    /// [`AF_INET`] or [`AF_INET6`]: IPv4 and IPv6 slots are separate pools.
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
 }
 
 /// What a bind hook decided; [`BindEvent::verdict`].
@@ -131,6 +272,16 @@ pub enum Verdict {
     /// A datagram asked for a non-local IPv6 source (`IPV6_PKTINFO`) outside the policy on a
     /// socket native mode made freebind: refused. `port` is then the destination's port.
     RefusedSource = 7,
+    /// Not local (or already parked in this namespace), allowed, and the socket is not
+    /// freebind: steer mode bound it to the parking address of [`BindEvent::slot`] and
+    /// steers the intended address's traffic to it.
+    Steered = 8,
+    /// Steer mode would park the socket but has no parking slot left for its address (or
+    /// the namespace has no IPv6 parking addresses): `EADDRNOTAVAIL`.
+    NoParking = 9,
+    /// A parked socket called `connect()`; `addr`/`port` are the peer. The kernel refuses
+    /// a parking source towards anything but loopback: steer mode is for servers.
+    ParkedConnect = 10,
 }
 
 impl Verdict {
@@ -143,6 +294,9 @@ impl Verdict {
             5 => Self::AppFreebind,
             6 => Self::OtherNetns,
             7 => Self::RefusedSource,
+            8 => Self::Steered,
+            9 => Self::NoParking,
+            10 => Self::ParkedConnect,
             _ => return None,
         })
     }
@@ -156,6 +310,9 @@ impl Verdict {
             Self::AppFreebind => "app-freebind",
             Self::OtherNetns => "other-netns",
             Self::RefusedSource => "refused-source",
+            Self::Steered => "steered",
+            Self::NoParking => "no-parking",
+            Self::ParkedConnect => "parked-connect",
         }
     }
 }
@@ -183,7 +340,11 @@ pub struct BindEvent {
     /// 1 when `addr` is IPv4 (an `AF_INET` socket, or a v4-mapped bind on `AF_INET6`).
     pub addr_is_v4: u8,
     /// Always zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// For [`Verdict::Steered`] and [`Verdict::ParkedConnect`]: the parking slot.
+    pub slot: u32,
+    /// The cookie of the socket's network namespace.
+    pub netns_cookie: u64,
 }
 
 #[cfg(feature = "user")]
@@ -195,6 +356,8 @@ mod user {
     unsafe impl aya::Pod for LocalAddrKey {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for BindEvent {}
+    unsafe impl aya::Pod for SteerKey {}
+    unsafe impl aya::Pod for SlotKey {}
 }
 
 #[cfg(test)]
@@ -205,16 +368,18 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<LocalAddrKey>(), 8 + 16 + 1 + 7);
-        assert_eq!(size_of::<SockState>(), 8);
+        assert_eq!(size_of::<SockState>(), 4 + 4 + 8 + 16 + 1 + 7);
+        assert_eq!(size_of::<SteerKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<SlotKey>(), 8 + 4 + 1 + 3);
         assert_eq!(
             size_of::<BindEvent>(),
-            8 + 4 + 2 + 1 + 1 + 16 + 16 + 1 + 1 + 6
+            8 + 4 + 2 + 1 + 1 + 16 + 16 + 1 + 1 + 2 + 4 + 8
         );
     }
 
     #[test]
     fn verdicts_round_trip() {
-        for v in 1..=7 {
+        for v in 1..=10 {
             assert_eq!(Verdict::from_u8(v).unwrap() as u8, v);
         }
         assert!(Verdict::from_u8(0).is_none());
@@ -222,13 +387,22 @@ mod tests {
 
     #[test]
     fn program_names_fit_the_kernel_limit() {
-        for name in [
-            programs::SETSOCKOPT,
-            programs::BIND4,
-            programs::BIND6,
-            programs::SENDMSG6,
-        ] {
+        for name in programs::CGROUP_ATTACH_ORDER
+            .iter()
+            .chain(&[programs::ITER_UDP, programs::SK_LOOKUP])
+        {
             assert!(name.len() <= 15, "{name}");
         }
+    }
+
+    #[test]
+    fn parking_addresses_round_trip_their_ranges() {
+        assert_eq!(parking::v4(1), [127, 254, 0, 1]);
+        assert_eq!(parking::v4(parking::V4_SLOTS), [127, 254, 255, 254]);
+        assert!(parking::is_v4(&parking::v4(300)));
+        let a = parking::v6(32);
+        assert!(parking::is_v6(&a));
+        assert_eq!(a[15], 32);
+        assert!(!parking::is_v6(&[0; 16]));
     }
 }

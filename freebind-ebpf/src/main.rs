@@ -4,10 +4,16 @@
 
 mod addr;
 mod bind;
+mod connect;
+mod getsockname;
+mod iter;
 mod maps;
+mod park;
 mod sendmsg;
 mod setsockopt;
+mod sk_lookup;
 mod sock;
+mod sock_ops;
 
 #[cfg(not(test))]
 #[panic_handler]

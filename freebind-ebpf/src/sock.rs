@@ -6,14 +6,16 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid,
     generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
 };
-use freebind_common::{BindEvent, SockState, Verdict};
+use freebind_common::{sock_flags, BindEvent, SockState, Verdict, IPPROTO_UDP};
 
 use crate::{
     addr::Addr,
+    park,
     maps::{EVENTS, EVENTS_DROPPED, SERVED_NETNS, SOCK_STATE},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// The socket's `SOCK_STATE`, created when `create` (setsockopt) and only looked up
 /// otherwise. `sk` must be a full socket from the hook's context.
@@ -43,6 +45,28 @@ pub fn state_flags(sk: *mut c_void) -> u32 {
     state(sk, false).map_or(0, |s| s.flags)
 }
 
+/// The state of a socket steer mode parked, if it is one.
+#[inline(always)]
+pub fn steered(sk: *mut c_void) -> Option<&'static mut SockState> {
+    state(sk, false).filter(|s| s.flags & sock_flags::STEERED != 0)
+}
+
+/// A steered socket still on its parking address: its state, the address it asked for
+/// and the parking address. `bound` is the socket's current address as the hook sees it;
+/// a socket whose parked bind failed and that the kernel later bound elsewhere (autobind
+/// on listen or sendto) is not treated as parked.
+#[inline(always)]
+pub fn parked(sk: *mut c_void, bound: &Addr) -> Option<(&'static mut SockState, Addr)> {
+    let state = steered(sk)?;
+    let intended = Addr {
+        bytes: state.intended,
+        is_v4: state.intended_is_v4 != 0,
+    };
+    park::address(&intended, state.slot)
+        .same(bound)
+        .then_some((state, intended))
+}
+
 /// Does the agent keep the addresses of this network namespace?
 #[inline(always)]
 pub fn served(netns_cookie: u64) -> bool {
@@ -50,10 +74,21 @@ pub fn served(netns_cookie: u64) -> bool {
     unsafe { SERVED_NETNS.get(netns_cookie) }.is_some()
 }
 
+/// What one event says; [`report`] adds who and where from the current task.
+pub struct Report<'a> {
+    pub family: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub addr: &'a Addr,
+    pub verdict: Verdict,
+    pub slot: u32,
+    pub netns_cookie: u64,
+}
+
 /// One event per decision. A full ring buffer never delays the syscall: the event is
 /// counted in EVENTS_DROPPED instead.
 #[inline(always)]
-pub fn report(family: u8, protocol: u8, port: u16, addr: &Addr, verdict: Verdict) {
+pub fn report(r: Report) {
     let Some(mut entry) = EVENTS.reserve(0) else {
         if let Some(dropped) = EVENTS_DROPPED.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, this CPU only.
@@ -65,16 +100,25 @@ pub fn report(family: u8, protocol: u8, port: u16, addr: &Addr, verdict: Verdict
     entry.write(BindEvent {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        port,
-        family,
-        protocol,
-        addr: addr.bytes,
+        port: r.port,
+        family: r.family,
+        protocol: r.protocol,
+        addr: r.addr.bytes,
         comm,
-        verdict: verdict as u8,
-        addr_is_v4: addr.is_v4 as u8,
-        _pad: [0; 6],
+        verdict: r.verdict as u8,
+        addr_is_v4: r.addr.is_v4 as u8,
+        _pad: [0; 2],
+        slot: r.slot,
+        netns_cookie: r.netns_cookie,
     });
-    // No wakeup: waking the agent on every bind costs the binding task an irq_work and the
-    // agent a context switch per event; the agent drains the buffer on a short timer.
-    entry.submit(BPF_RB_NO_WAKEUP);
+    // No wakeup as a rule: waking the agent on every bind costs the binding task an
+    // irq_work and the agent a context switch per event; the agent drains the buffer on a
+    // short timer. A steered UDP socket is the exception: the agent enters it in the steering
+    // map when it hears of it, and it should hear at once.
+    let wake = r.verdict == Verdict::Steered && r.protocol == IPPROTO_UDP;
+    entry.submit(if wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    });
 }

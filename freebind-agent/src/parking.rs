@@ -1,0 +1,184 @@
+//! Steer mode's IPv6 parking addresses: `inet6_bind()` accepts only addresses assigned in
+//! the namespace (a local route is not enough), so the agent assigns the pool on `lo` in
+//! every namespace it serves, with `nodad` (usable at once) and host scope (never chosen as
+//! a source for anything else), and removes it when it stops serving the namespace.
+//! IPv4 needs nothing: all of 127.0.0.0/8 is local while `lo` is up.
+use std::{
+    io,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, Result};
+use freebind_common::parking;
+
+use crate::{addrwatch::netlink_socket, netns::Netns};
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_FLAGS: u16 = 8;
+const IFA_F_NODAD: u32 = 0x02;
+const RT_SCOPE_HOST: u8 = 254;
+
+/// Every IPv6 parking address, slot 1 first.
+pub fn v6_pool() -> impl Iterator<Item = Ipv6Addr> {
+    (1..=parking::V6_SLOTS).map(|slot| Ipv6Addr::from(parking::v6(slot)))
+}
+
+/// The parking address of a slot, for log lines.
+pub fn address(is_v4: bool, slot: u32) -> IpAddr {
+    if is_v4 {
+        IpAddr::from(parking::v4(slot))
+    } else {
+        IpAddr::from(parking::v6(slot))
+    }
+}
+
+/// Is `addr` one of freebind's parking addresses?
+pub fn is_parking(addr: &IpAddr) -> bool {
+    match addr.to_canonical() {
+        IpAddr::V4(a) => parking::is_v4(&a.octets()),
+        IpAddr::V6(a) => parking::is_v6(&a.octets()),
+    }
+}
+
+/// The IPv6 pool on `lo` of one namespace, removed on drop.
+pub struct V6Pool {
+    netns: Arc<Netns>,
+}
+
+/// What [`check_lo`] found.
+pub struct LoState {
+    pub up: bool,
+    pub ipv6: bool,
+}
+
+/// Is `lo` up in the namespace (IPv4 parking needs it), and does it have IPv6?
+pub fn check_lo(netns: &Netns) -> Result<LoState> {
+    netns.run(|| {
+        let up = lo_up_ioctl()?;
+        let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+        Ok(LoState { up, ipv6 })
+    })
+}
+
+fn lo_up_ioctl() -> Result<bool> {
+    // SAFETY: an ioctl on a socket this function owns, with an ifreq it owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).context("opening a socket");
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err).context("reading the flags of lo (SIOCGIFFLAGS)");
+        }
+        Ok(ifr.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0)
+    }
+}
+
+impl V6Pool {
+    /// Assigns the pool on `lo`. An address already there (left by an agent that was
+    /// killed) is taken over.
+    pub fn assign(netns: Arc<Netns>) -> Result<Self> {
+        let pool = Self { netns };
+        pool.netns
+            .run(|| {
+                let lo = lo_index()?;
+                for addr in v6_pool() {
+                    match request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, lo, addr) {
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        r => r.with_context(|| format!("adding parking address {addr} to lo"))?,
+                    }
+                }
+                Ok(())
+            })
+            .context("assigning steer mode's IPv6 parking addresses")?;
+        Ok(pool)
+    }
+}
+
+impl Drop for V6Pool {
+    fn drop(&mut self) {
+        let result = self.netns.run(|| {
+            let lo = lo_index()?;
+            for addr in v6_pool() {
+                match request(RTM_DELADDR, 0, lo, addr) {
+                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+                    r => r.with_context(|| format!("removing parking address {addr} from lo"))?,
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            log::warn!("{e:#}");
+        }
+    }
+}
+
+fn lo_index() -> Result<u32> {
+    // SAFETY: a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
+        0 => Err(io::Error::last_os_error()).context("finding lo"),
+        i => Ok(i),
+    }
+}
+
+/// One RTM_NEWADDR/RTM_DELADDR for `addr`/128 on `ifindex`, acknowledged.
+fn request(ty: u16, flags: u16, ifindex: u32, addr: Ipv6Addr) -> io::Result<()> {
+    let fd = netlink_socket(0, false).map_err(io::Error::other)?;
+    let mut msg = Vec::with_capacity(80);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
+    msg.extend_from_slice(&ty.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id
+                                                // struct ifaddrmsg
+    msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, IFA_F_NODAD as u8, RT_SCOPE_HOST]);
+    msg.extend_from_slice(&ifindex.to_ne_bytes());
+    for attr in [IFA_LOCAL, IFA_ADDRESS] {
+        msg.extend_from_slice(&20u16.to_ne_bytes());
+        msg.extend_from_slice(&attr.to_ne_bytes());
+        msg.extend_from_slice(&addr.octets());
+    }
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&IFA_FLAGS.to_ne_bytes());
+    msg.extend_from_slice(&IFA_F_NODAD.to_ne_bytes());
+    let len = msg.len() as u32;
+    msg[0..4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: send and recv on a socket we own, with buffers we own.
+    unsafe {
+        if libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 1024];
+        let n = libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        ack(&buf[..n as usize])
+    }
+}
+
+fn ack(reply: &[u8]) -> io::Result<()> {
+    if reply.len() < 20 || u16::from_ne_bytes([reply[4], reply[5]]) != NLMSG_ERROR {
+        return Err(io::Error::other("unexpected rtnetlink reply"));
+    }
+    match i32::from_ne_bytes(reply[16..20].try_into().unwrap()) {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}

@@ -1,0 +1,63 @@
+//! Steer mode in one network namespace: the sk_lookup program that steers intended
+//! addresses to parked sockets, its `STEER_SOCKS` entered in `STEER_MAPS` for the cgroup
+//! programs, and the IPv6 parking addresses on `lo`.
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashOfMaps, MapData};
+
+use crate::{
+    loader::SteerLookup,
+    netns::Netns,
+    parking::{self, V6Pool},
+};
+
+pub type SteerMaps = HashOfMaps<MapData, u64, MapData>;
+
+pub struct Steering {
+    // Field order is drop order: stop steering before the parking addresses go.
+    lookup: SteerLookup,
+    _pool: Option<V6Pool>,
+}
+
+impl Steering {
+    /// Everything a parked socket in `netns` needs, in place before any bind can park.
+    pub fn start(netns: &Arc<Netns>, steer_maps: &mut SteerMaps) -> Result<Self> {
+        let lo = parking::check_lo(netns)?;
+        if !lo.up {
+            log::warn!(
+                "lo is down in network namespace {}: steer mode cannot park sockets there \
+                 (their binds fail with EADDRNOTAVAIL); bring it up with `ip link set lo up`",
+                netns.label()
+            );
+        }
+        let pool = if lo.ipv6 {
+            Some(V6Pool::assign(Arc::clone(netns))?)
+        } else {
+            log::info!(
+                "network namespace {} has no IPv6: steer mode parks IPv4 only there",
+                netns.label()
+            );
+            None
+        };
+        let lookup = SteerLookup::attach(netns)?;
+        steer_maps
+            .insert(netns.cookie(), lookup.socks(), 0)
+            .with_context(|| {
+                format!(
+                    "entering the steering map of network namespace {} in STEER_MAPS",
+                    netns.label()
+                )
+            })?;
+        Ok(Self {
+            lookup,
+            _pool: pool,
+        })
+    }
+
+    /// Takes the namespace's entry out of `STEER_MAPS` (the agent no longer serves it).
+    pub fn stop(self, netns: &Netns, steer_maps: &mut SteerMaps) {
+        let _ = steer_maps.remove(&netns.cookie());
+        drop(self.lookup);
+    }
+}
