@@ -112,12 +112,7 @@ impl Agent {
         locality.resync(&mut self.local_addrs, &AddrWatch::dump(&netns)?)?;
         self.served_netns
             .insert(netns.cookie(), 1, 0)
-            .with_context(|| {
-                format!(
-                    "registering network namespace {} in SERVED_NETNS",
-                    netns.label()
-                )
-            })?;
+            .with_context(|| format!("registering {} in SERVED_NETNS", netns.label()))?;
         let tx = self.changes_tx.clone();
         let cookie = netns.cookie();
         let watch = tokio::spawn(async move {
@@ -130,7 +125,7 @@ impl Agent {
             }
         });
         log::info!(
-            "serving network namespace {} (cookie {cookie}): native and steer mode",
+            "serving {} (cookie {cookie}): addresses watched, steering attached",
             netns.label()
         );
         self.served.push(Served {
@@ -177,7 +172,6 @@ impl Agent {
 
     fn drain_events(&mut self) {
         let mut udp_parked_in = Vec::new();
-        let mut follow = Vec::new();
         let mut batch = Vec::new();
         while let Some(item) = self.events.get_mut().next() {
             match report::decode(&item) {
@@ -193,7 +187,6 @@ impl Agent {
                 Some(Verdict::Steered) if ev.protocol == freebind_common::IPPROTO_UDP => {
                     udp_parked_in.push(ev.netns_cookie)
                 }
-                Some(Verdict::OtherNetns) => follow.push(ev),
                 _ => {}
             }
         }
@@ -201,9 +194,6 @@ impl Agent {
         udp_parked_in.dedup();
         for cookie in udp_parked_in {
             self.enter_udp_sockets(cookie);
-        }
-        for ev in follow {
-            self.follow(&ev);
         }
         let dropped: u64 = self
             .events_dropped
@@ -242,41 +232,6 @@ impl Agent {
         })
     }
 
-    /// A managed process bound in a namespace the agent does not serve: serve it from now
-    /// on, so that the process's next binds there (a restart, a retry) get freebind too.
-    fn follow(&mut self, ev: &BindEvent) {
-        if self
-            .served
-            .iter()
-            .any(|s| s.netns.cookie() == ev.netns_cookie)
-        {
-            return;
-        }
-        let path = format!("/proc/{}/ns/net", ev.pid);
-        let ns = match Netns::named(&path) {
-            Ok(ns) if ns.cookie() == ev.netns_cookie => ns,
-            Ok(_) | Err(_) => {
-                log::warn!(
-                    "pid {} bound in a network namespace this agent does not serve and has \
-                     already left it; start the agent there (`ip netns exec`) or name it with --netns",
-                    ev.pid
-                );
-                return;
-            }
-        };
-        match self.serve(ns) {
-            Ok(()) => log::info!(
-                "now also serving the network namespace of pid {} ({path}); that bind was left \
-                 to the kernel, its next ones get freebind",
-                ev.pid
-            ),
-            Err(e) => log::warn!(
-                "cannot serve the network namespace of pid {}: {e:#}",
-                ev.pid
-            ),
-        }
-    }
-
     /// Runs the UDP iterator in the namespace: parked UDP sockets enter its steering map.
     fn enter_udp_sockets(&mut self, cookie: u64) {
         let Some(served) = self.served.iter().find(|s| s.netns.cookie() == cookie) else {
@@ -288,7 +243,7 @@ impl Agent {
         };
         if let Err(e) = attachment.enter_udp_sockets(&netns) {
             log::warn!(
-                "entering parked UDP sockets of network namespace {} for steering: {e:#}",
+                "entering parked UDP sockets of {} for steering: {e:#}",
                 netns.label()
             );
         }
@@ -372,7 +327,7 @@ fn netns_suffix(s: &Served, index: usize) -> String {
     if index == 0 {
         String::new()
     } else {
-        format!(" in network namespace {}", s.netns.label())
+        format!(" in {}", s.netns.label())
     }
 }
 

@@ -1,6 +1,9 @@
 //! What the agent needs from the running kernel and process, checked before anything is
 //! changed, so that a missing piece is named instead of surfacing as a verifier error.
-use std::{fs, io, mem, os::fd::RawFd};
+use std::{
+    fs, io, mem,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -58,9 +61,18 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_CGROUP_SOCKOPT: u32 = 25;
+const PROG_SOCK_OPS: u32 = 13;
+const PROG_SK_LOOKUP: u32 = 30;
+const ATTACH_SOCK_OPS: u32 = 3;
 const ATTACH_INET4_BIND: u32 = 8;
+const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_UDP4_SENDMSG: u32 = 14;
 const ATTACH_UDP6_SENDMSG: u32 = 15;
 const ATTACH_SETSOCKOPT: u32 = 22;
+const ATTACH_INET4_GETSOCKNAME: u32 = 31;
+const ATTACH_SK_LOOKUP: u32 = 36;
+const MAP_HASH_OF_MAPS: u32 = 13;
+const MAP_SOCKHASH: u32 = 18;
 const MAP_LPM_TRIE: u32 = 11;
 const MAP_RINGBUF: u32 = 27;
 
@@ -91,6 +103,36 @@ const SETSOCKOPT: Hook = Hook {
     attach_type: ATTACH_SETSOCKOPT,
     since: "5.3",
 };
+const SENDMSG4: Hook = Hook {
+    name: "cgroup/sendmsg4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    prog_type: PROG_CGROUP_SOCK_ADDR,
+    attach_type: ATTACH_UDP4_SENDMSG,
+    since: "4.18",
+};
+const CONNECT4: Hook = Hook {
+    name: "cgroup/connect4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    prog_type: PROG_CGROUP_SOCK_ADDR,
+    attach_type: ATTACH_INET4_CONNECT,
+    since: "4.17",
+};
+const GETSOCKNAME4: Hook = Hook {
+    name: "cgroup/getsockname4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    prog_type: PROG_CGROUP_SOCK_ADDR,
+    attach_type: ATTACH_INET4_GETSOCKNAME,
+    since: "5.8",
+};
+const SOCK_OPS: Hook = Hook {
+    name: "sockops (BPF_PROG_TYPE_SOCK_OPS)",
+    prog_type: PROG_SOCK_OPS,
+    attach_type: ATTACH_SOCK_OPS,
+    since: "4.13",
+};
+const SK_LOOKUP: Hook = Hook {
+    name: "sk_lookup (BPF_PROG_TYPE_SK_LOOKUP)",
+    prog_type: PROG_SK_LOOKUP,
+    attach_type: ATTACH_SK_LOOKUP,
+    since: "5.9",
+};
 
 /// (hook, helper name, helper id, the Linux release that brought it there when known)
 const HELPERS: &[(Hook, &str, i32, &str)] = &[
@@ -104,18 +146,35 @@ const HELPERS: &[(Hook, &str, i32, &str)] = &[
     (BIND4, "bpf_ringbuf_reserve", 131, "Linux 5.8 or later"),
     (BIND4, "bpf_get_current_comm", 16, "a newer kernel"),
     (BIND4, "bpf_get_current_cgroup_id", 80, "a newer kernel"),
+    (SENDMSG4, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (CONNECT4, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (GETSOCKNAME4, "bpf_sk_storage_get", 107, "a newer kernel"),
+    (SOCK_OPS, "bpf_sk_storage_get", 107, "Linux 5.11 or later"),
+    (SOCK_OPS, "bpf_sock_hash_update", 70, "a newer kernel"),
+    (SK_LOOKUP, "bpf_sk_assign", 124, "Linux 5.9 or later"),
+    (SK_LOOKUP, "bpf_sk_release", 86, "Linux 5.9 or later"),
 ];
 
 /// (map type name, type, key size, value size, max entries, flags, Linux release)
 const MAPS: &[(&str, u32, u32, u32, u32, u32, &str)] = &[
     // LPM tries must be BPF_F_NO_PREALLOC (1).
     ("BPF_MAP_TYPE_LPM_TRIE", MAP_LPM_TRIE, 8, 1, 1, 1, "4.11"),
+    ("BPF_MAP_TYPE_SOCKHASH", MAP_SOCKHASH, 20, 8, 1, 0, "4.18"),
 ];
 
 /// Checks every program type, helper and map type freebind loads, naming the first one
 /// this kernel lacks.
 pub fn check_features() -> Result<()> {
-    for hook in [BIND4, SENDMSG6, SETSOCKOPT] {
+    for hook in [
+        BIND4,
+        SENDMSG6,
+        SETSOCKOPT,
+        SENDMSG4,
+        CONNECT4,
+        GETSOCKNAME4,
+        SOCK_OPS,
+        SK_LOOKUP,
+    ] {
         if !probe_program(hook, None)? {
             bail!(
                 "this kernel lacks the {} program type (Linux {} or later)",
@@ -142,6 +201,9 @@ pub fn check_features() -> Result<()> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
     if !probe_map(MAP_RINGBUF, 0, 0, page, 0) {
         bail!("this kernel lacks BPF_MAP_TYPE_RINGBUF maps (Linux 5.8 or later)");
+    }
+    if !probe_sockhash_in_hash_of_maps() {
+        bail!("this kernel does not take a BPF_MAP_TYPE_SOCKHASH inside a BPF_MAP_TYPE_HASH_OF_MAPS (steer mode needs it; Linux 5.10 or later)");
     }
     Ok(())
 }
@@ -171,6 +233,7 @@ struct MapCreateAttr {
     value_size: u32,
     max_entries: u32,
     map_flags: u32,
+    inner_map_fd: u32,
 }
 
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
@@ -244,25 +307,64 @@ fn probe_map(
     max_entries: u32,
     map_flags: u32,
 ) -> bool {
+    exists(create_map(
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+        None,
+    ))
+}
+
+/// Steer mode reaches each namespace's SOCKHASH through a hash of maps: the kernel must
+/// take a SOCKHASH as an inner map.
+fn probe_sockhash_in_hash_of_maps() -> bool {
+    let Ok(inner) = create_map(MAP_SOCKHASH, 20, 8, 1, 0, None) else {
+        return false;
+    };
+    exists(create_map(
+        MAP_HASH_OF_MAPS,
+        8,
+        4,
+        1,
+        0,
+        Some(inner.as_fd()),
+    ))
+}
+
+/// A map type exists when creating one works, or fails for another reason than EINVAL
+/// (ENOMEM, EPERM under a memlock limit).
+fn exists(created: io::Result<OwnedFd>) -> bool {
+    match created {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+    }
+}
+
+fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
     let attr = MapCreateAttr {
         map_type,
         key_size,
         value_size,
         max_entries,
         map_flags,
+        inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
     };
-    match bpf(
+    let fd = bpf(
         BPF_MAP_CREATE,
         (&attr as *const MapCreateAttr).cast(),
         mem::size_of::<MapCreateAttr>(),
-    ) {
-        Ok(fd) => {
-            // SAFETY: we own the fd just returned.
-            unsafe { libc::close(fd) };
-            true
-        }
-        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
-    }
+    )?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The cookie of the network namespace `fd` lives in (`SO_NETNS_COOKIE`, Linux 5.14); the

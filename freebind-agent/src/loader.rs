@@ -263,13 +263,8 @@ impl SteerLookup {
         let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
         prog.load()
             .with_context(|| format!("verifying {} (sk_lookup, Linux 5.9)", programs::SK_LOOKUP))?;
-        prog.attach(netns).with_context(|| {
-            format!(
-                "attaching {} to network namespace {}",
-                programs::SK_LOOKUP,
-                netns.label()
-            )
-        })?;
+        prog.attach(netns)
+            .with_context(|| format!("attaching {} to {}", programs::SK_LOOKUP, netns.label()))?;
         let socks = match ebpf.take_map(maps::STEER_SOCKS) {
             Some(Map::SockHash(m)) => m,
             _ => bail!("the eBPF object has no SOCKHASH {}", maps::STEER_SOCKS),

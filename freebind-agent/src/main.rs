@@ -63,11 +63,13 @@ fn main() -> ExitCode {
         1 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_env("FREEBIND_LOG")
-        .format_target(false)
-        .init();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(level);
+    if cli.verbose < 2 {
+        // aya's own debug lines (relocations, one per instruction patched) drown freebind's.
+        logger.filter_module("aya", log::LevelFilter::Info);
+    }
+    logger.parse_env("FREEBIND_LOG").format_target(false).init();
 
     let result = match &cli.command {
         Command::Run {
@@ -117,5 +119,16 @@ mod tests {
         };
         assert_eq!(policy.allow, ["192.0.2.0/24"]);
         assert_eq!(cmd, ["socat", "-v", "x"]);
+    }
+
+    #[test]
+    fn exec_takes_a_network_namespace_for_cmd() {
+        let cli = Cli::try_parse_from(["freebind-agent", "exec", "--netns", "ap", "--", "socat"])
+            .unwrap();
+        let Command::Exec { netns, cmd, .. } = cli.command else {
+            panic!()
+        };
+        assert_eq!(netns.as_deref(), Some("ap"));
+        assert_eq!(cmd, ["socat"]);
     }
 }

@@ -27,7 +27,7 @@ impl Netns {
     pub fn current() -> Result<Self> {
         Self::open(
             Path::new("/proc/thread-self/ns/net"),
-            "the agent's own".into(),
+            "the agent's network namespace".into(),
         )
     }
 
@@ -38,7 +38,7 @@ impl Netns {
         } else {
             Path::new(IP_NETNS_DIR).join(spec)
         };
-        Self::open(&path, spec.to_owned())
+        Self::open(&path, format!("network namespace {spec}"))
     }
 
     fn open(path: &Path, label: String) -> Result<Self> {
@@ -72,7 +72,7 @@ impl Netns {
         self.cookie
     }
 
-    /// How log lines name it.
+    /// How log lines name it: "the agent's network namespace", "network namespace NAME".
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -94,7 +94,7 @@ impl Netns {
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
         })
-        .with_context(|| format!("in network namespace {}", self.label))
+        .with_context(|| format!("in {}", self.label))
     }
 }
 

@@ -50,9 +50,10 @@ pub fn is_parking(addr: &IpAddr) -> bool {
     }
 }
 
-/// The IPv6 pool on `lo` of one namespace, removed on drop.
+/// The IPv6 pool on `lo` of one namespace; what this agent added is removed on drop.
 pub struct V6Pool {
     netns: Arc<Netns>,
+    added: Vec<Ipv6Addr>,
 }
 
 /// What [`check_lo`] found.
@@ -91,17 +92,25 @@ fn lo_up_ioctl() -> Result<bool> {
 }
 
 impl V6Pool {
-    /// Assigns the pool on `lo`. An address already there (left by an agent that was
-    /// killed) is taken over.
+    /// Assigns the pool on `lo`. An address already there is shared, not taken over: another
+    /// agent serving the namespace put it there and removes it when it stops. A failure
+    /// halfway removes what was added.
     pub fn assign(netns: Arc<Netns>) -> Result<Self> {
-        let pool = Self { netns };
+        let mut pool = Self {
+            netns,
+            added: Vec::new(),
+        };
+        let added = &mut pool.added;
         pool.netns
             .run(|| {
                 let lo = lo_index()?;
                 for addr in v6_pool() {
                     match request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, lo, addr) {
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                        r => r.with_context(|| format!("adding parking address {addr} to lo"))?,
+                        r => {
+                            r.with_context(|| format!("adding parking address {addr} to lo"))?;
+                            added.push(addr);
+                        }
                     }
                 }
                 Ok(())
@@ -113,9 +122,10 @@ impl V6Pool {
 
 impl Drop for V6Pool {
     fn drop(&mut self) {
+        let added = &self.added;
         let result = self.netns.run(|| {
             let lo = lo_index()?;
-            for addr in v6_pool() {
+            for &addr in added {
                 match request(RTM_DELADDR, 0, lo, addr) {
                     Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
                     r => r.with_context(|| format!("removing parking address {addr} from lo"))?,
@@ -180,5 +190,35 @@ fn ack(reply: &[u8]) -> io::Result<()> {
     match i32::from_ne_bytes(reply[16..20].try_into().unwrap()) {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parking_addresses_are_recognised_in_both_families() {
+        assert_eq!(address(true, 258), "127.254.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            address(false, 32),
+            "fd66:7265:6562:696e::20".parse::<IpAddr>().unwrap()
+        );
+        for a in [
+            "127.254.0.9",
+            "::ffff:127.254.3.4",
+            "fd66:7265:6562:696e::1",
+        ] {
+            assert!(is_parking(&a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "127.0.0.1",
+            "192.0.2.10",
+            "fd66:7265:6562:696f::1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_parking(&a.parse().unwrap()), "{a}");
+        }
+        assert_eq!(v6_pool().count(), 32);
     }
 }

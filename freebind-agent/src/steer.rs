@@ -26,7 +26,7 @@ impl Steering {
         let lo = parking::check_lo(netns)?;
         if !lo.up {
             log::warn!(
-                "lo is down in network namespace {}: steer mode cannot park sockets there \
+                "lo is down in {}: steer mode cannot park sockets there \
                  (their binds fail with EADDRNOTAVAIL); bring it up with `ip link set lo up`",
                 netns.label()
             );
@@ -35,7 +35,7 @@ impl Steering {
             Some(V6Pool::assign(Arc::clone(netns))?)
         } else {
             log::info!(
-                "network namespace {} has no IPv6: steer mode parks IPv4 only there",
+                "{} has no IPv6: steer mode parks IPv4 only there",
                 netns.label()
             );
             None
@@ -45,7 +45,7 @@ impl Steering {
             .insert(netns.cookie(), lookup.socks(), 0)
             .with_context(|| {
                 format!(
-                    "entering the steering map of network namespace {} in STEER_MAPS",
+                    "entering the steering map of {} in STEER_MAPS",
                     netns.label()
                 )
             })?;

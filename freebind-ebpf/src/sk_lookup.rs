@@ -20,7 +20,12 @@ pub fn fb_sk_lookup(ctx: SkLookupContext) -> u32 {
             l.protocol,
             l.local_port,
             l.local_ip4,
-            [l.local_ip6[0], l.local_ip6[1], l.local_ip6[2], l.local_ip6[3]],
+            [
+                l.local_ip6[0],
+                l.local_ip6[1],
+                l.local_ip6[2],
+                l.local_ip6[3],
+            ],
         )
     };
     let dst = if family == AF_INET as u32 {

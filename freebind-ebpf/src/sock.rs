@@ -10,8 +10,8 @@ use freebind_common::{sock_flags, BindEvent, SockState, Verdict, IPPROTO_UDP};
 
 use crate::{
     addr::Addr,
-    park,
     maps::{EVENTS, EVENTS_DROPPED, SERVED_NETNS, SOCK_STATE},
+    park,
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;

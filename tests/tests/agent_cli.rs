@@ -174,11 +174,11 @@ fn exec_forwards_sigterm_to_cmd_and_exits_with_its_status() {
         "-c",
         "import signal, sys, time\n\
          signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(42)))\n\
-         print('serving', flush=True)\n\
+         print('handler installed', flush=True)\n\
          time.sleep(60)",
     ]);
     let proc = Proc::spawn(cmd, "freebind-agent exec");
-    wait_for_log(&proc, "serving", Duration::from_secs(30));
+    wait_for_log(&proc, "handler installed", Duration::from_secs(30));
     proc.signal(libc::SIGTERM);
     let status = proc
         .wait_timeout(Duration::from_secs(20))

@@ -14,6 +14,10 @@ use freebind_e2e::{
 
 const TOKIO_SERVER: &str = env!("CARGO_BIN_EXE_freebind-tokio-server");
 
+/// Cgroup programs one agent attaches: bind, connect, getsockname and sendmsg for both
+/// families, sock_ops and setsockopt.
+const PROGRAMS_PER_ATTACHMENT: usize = 10;
+
 /// A link, a cgroup and an agent serving that cgroup in the server's namespace.
 fn managed(extra_args: &[&str]) -> (Link, Cgroup, Agent) {
     ensure_tools();
@@ -315,7 +319,7 @@ fn after_the_agent_stops_new_sockets_are_ordinary_and_existing_ones_keep_serving
     }
     let (link, cgroup, agent) = managed(&[]);
     let _server = python_http_server(&link.server, Some(&cgroup), "192.0.2.10", 8080);
-    assert_eq!(bpf_programs_attached(&cgroup).len(), 4);
+    assert_eq!(bpf_programs_attached(&cgroup).len(), PROGRAMS_PER_ATTACHMENT);
     assert!(agent.stop().success(), "{}", agent.log());
     assert!(agent.log().contains("detached"), "{}", agent.log());
     assert_eq!(
@@ -343,11 +347,22 @@ fn a_second_attachment_on_the_same_cgroup_coexists_and_outlives_the_first() {
     let (link, cgroup, first) = managed(&[]);
     let second = Agent::run(&link.server, &cgroup, &[]);
     let attached = bpf_programs_attached(&cgroup);
-    assert_eq!(attached.len(), 8, "{attached:?}");
+    assert_eq!(attached.len(), 2 * PROGRAMS_PER_ATTACHMENT, "{attached:?}");
     assert!(first.stop().success());
     let attached = bpf_programs_attached(&cgroup);
-    assert_eq!(attached.len(), 4, "{attached:?}");
-    for name in ["fb_bind4", "fb_bind6", "fb_sendmsg6", "fb_setsockopt"] {
+    assert_eq!(attached.len(), PROGRAMS_PER_ATTACHMENT, "{attached:?}");
+    for name in [
+        "fb_bind4",
+        "fb_bind6",
+        "fb_sendmsg4",
+        "fb_sendmsg6",
+        "fb_getsockname4",
+        "fb_getsockname6",
+        "fb_connect4",
+        "fb_connect6",
+        "fb_sock_ops",
+        "fb_setsockopt",
+    ] {
         assert!(
             attached.iter().any(|(_, n)| n == name),
             "{name} missing: {attached:?}"

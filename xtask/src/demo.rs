@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use freebind_e2e::{
     del_addr, ensure_tools, http_get, require_root, run_in,
     scenario::{add_server_addr, python_http_server, try_bind, EADDRNOTAVAIL},
-    wait_until, Agent, Cgroup, Link,
+    spawn_in, tcp_request, wait_until, Agent, Cgroup, Link,
 };
 
 use crate::paths::Paths;
@@ -13,6 +13,9 @@ use crate::paths::Paths;
 const ADDR: &str = "192.0.2.10";
 const CIDR: &str = "192.0.2.10/24";
 const PORT: u16 = 8080;
+/// socat listens here: it calls bind() with no setsockopt() before it, so native mode
+/// cannot help it and steer mode does.
+const SOCAT_PORT: u16 = 7000;
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -60,6 +63,27 @@ pub fn run(paths: &Paths) -> Result<()> {
         server.pid(),
         addrs(&link)
     ));
+    step(
+        4,
+        &format!("socat TCP-LISTEN:{SOCAT_PORT},bind={ADDR},fork joins it: no setsockopt() before its bind(), so steer mode parks it."),
+    );
+    let listen = format!("TCP-LISTEN:{SOCAT_PORT},bind={ADDR},fork");
+    let socat = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &["socat", &listen, "SYSTEM:echo hello from socat"],
+    );
+    wait_until("socat is parked", Duration::from_secs(20), || {
+        agent
+            .log()
+            .contains(&format!("bind {ADDR}:{SOCAT_PORT}/tcp by socat"))
+    });
+    show(&format!(
+        "socat (pid {}) is bound to a parking address; `ss` in the namespace shows it:",
+        socat.pid()
+    ));
+    show(&ss_line(&link, SOCAT_PORT));
+
     let outside = try_bind(&link.server, None, "tcp", ADDR, PORT + 1, true);
     ensure!(
         outside == Err(EADDRNOTAVAIL),
@@ -68,49 +92,71 @@ pub fn run(paths: &Paths) -> Result<()> {
     show("the same bind from a process outside the cgroup: EADDRNOTAVAIL, as without freebind");
 
     let fetch = || http_get(&link.client, ADDR, PORT, "/");
-    step(4, &format!("The interface gets {CIDR} (an access point coming up, a VIP failing over); the client connects."));
+    let greet = || tcp_request(&link.client, ADDR, SOCAT_PORT, b"");
+    let both = || {
+        let http = fetch().map(|(s, _)| format!("HTTP {s}"));
+        let socat = greet().map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+        (http, socat)
+    };
+    let report = |(http, socat): (Result<String, String>, Result<String, String>)| {
+        show(&format!(
+            "client: GET http://{ADDR}:{PORT}/ -> {}",
+            http.unwrap_or_else(|e| e)
+        ));
+        show(&format!(
+            "client: connect {ADDR}:{SOCAT_PORT} -> {}",
+            socat.unwrap_or_else(|e| e)
+        ));
+    };
+    step(5, &format!("The interface gets {CIDR} (an access point coming up, a VIP failing over); the client connects to both."));
     add_server_addr(&link, CIDR);
-    wait_until("the server answers", Duration::from_secs(20), || {
-        fetch().is_ok()
+    wait_until("both servers answer", Duration::from_secs(20), || {
+        let (h, s) = both();
+        h.is_ok() && s.is_ok()
     });
-    show(&format!(
-        "client: GET http://{ADDR}:{PORT}/ -> HTTP {}",
-        fetch().map(|(s, _)| s).unwrap_or(0)
-    ));
-
-    step(
-        5,
-        &format!("{ADDR} goes away; the server keeps running, its socket waits."),
-    );
-    del_addr(&link.server, &link.server_if, CIDR);
-    show(&match fetch() {
-        Ok((s, _)) => format!("client: unexpectedly answered HTTP {s}"),
-        Err(e) => format!("client: {e}"),
-    });
-    ensure!(server.try_wait().is_none(), "the server died");
+    report(both());
 
     step(
         6,
+        &format!("{ADDR} goes away; the servers keep running, their sockets wait."),
+    );
+    del_addr(&link.server, &link.server_if, CIDR);
+    report(both());
+    ensure!(server.try_wait().is_none(), "the python server died");
+    ensure!(socat.try_wait().is_none(), "socat died");
+
+    step(
+        7,
         &format!(
-            "{ADDR} comes back; the same server (pid {}) answers again.",
-            server.pid()
+            "{ADDR} comes back; the same servers (pids {} and {}) answer again.",
+            server.pid(),
+            socat.pid()
         ),
     );
     add_server_addr(&link, CIDR);
-    wait_until("the server answers again", Duration::from_secs(20), || {
-        fetch().is_ok()
+    wait_until("both servers answer again", Duration::from_secs(20), || {
+        let (h, s) = both();
+        h.is_ok() && s.is_ok()
     });
-    show(&format!(
-        "client: GET http://{ADDR}:{PORT}/ -> HTTP {}",
-        fetch().map(|(s, _)| s).unwrap_or(0)
-    ));
+    report(both());
 
-    step(7, "What the agent said:");
+    step(8, "What the agent said:");
     show(&agent.log());
     drop(server);
+    drop(socat);
     agent.stop();
     println!("\nDone: namespaces and cgroup removed.");
     Ok(())
+}
+
+/// The `ss` line of the TCP listener on `port` in the server's namespace.
+fn ss_line(link: &Link, port: u16) -> String {
+    let out = run_in(
+        &link.server,
+        None,
+        &["ss", "-Hltn", &format!("sport = :{port}")],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn addrs(link: &Link) -> String {
