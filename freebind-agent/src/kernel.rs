@@ -76,6 +76,16 @@ const MAP_SOCKHASH: u32 = 18;
 const MAP_LPM_TRIE: u32 = 11;
 const MAP_RINGBUF: u32 = 27;
 
+/// A `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` hook.
+const fn sock_addr(section: &'static str, attach_type: u32, since: &'static str) -> Hook {
+    Hook {
+        name: section,
+        prog_type: PROG_CGROUP_SOCK_ADDR,
+        attach_type,
+        since,
+    }
+}
+
 /// A program type with the attach type freebind uses it with.
 #[derive(Clone, Copy)]
 struct Hook {
@@ -85,42 +95,37 @@ struct Hook {
     since: &'static str,
 }
 
-const BIND4: Hook = Hook {
-    name: "cgroup/bind4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    prog_type: PROG_CGROUP_SOCK_ADDR,
-    attach_type: ATTACH_INET4_BIND,
-    since: "4.17",
-};
-const SENDMSG6: Hook = Hook {
-    name: "cgroup/sendmsg6 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    prog_type: PROG_CGROUP_SOCK_ADDR,
-    attach_type: ATTACH_UDP6_SENDMSG,
-    since: "4.18",
-};
+const BIND4: Hook = sock_addr(
+    "cgroup/bind4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    ATTACH_INET4_BIND,
+    "4.17",
+);
+const SENDMSG6: Hook = sock_addr(
+    "cgroup/sendmsg6 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    ATTACH_UDP6_SENDMSG,
+    "4.18",
+);
 const SETSOCKOPT: Hook = Hook {
     name: "cgroup/setsockopt (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
     prog_type: PROG_CGROUP_SOCKOPT,
     attach_type: ATTACH_SETSOCKOPT,
     since: "5.3",
 };
-const SENDMSG4: Hook = Hook {
-    name: "cgroup/sendmsg4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    prog_type: PROG_CGROUP_SOCK_ADDR,
-    attach_type: ATTACH_UDP4_SENDMSG,
-    since: "4.18",
-};
-const CONNECT4: Hook = Hook {
-    name: "cgroup/connect4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    prog_type: PROG_CGROUP_SOCK_ADDR,
-    attach_type: ATTACH_INET4_CONNECT,
-    since: "4.17",
-};
-const GETSOCKNAME4: Hook = Hook {
-    name: "cgroup/getsockname4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    prog_type: PROG_CGROUP_SOCK_ADDR,
-    attach_type: ATTACH_INET4_GETSOCKNAME,
-    since: "5.8",
-};
+const SENDMSG4: Hook = sock_addr(
+    "cgroup/sendmsg4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    ATTACH_UDP4_SENDMSG,
+    "4.18",
+);
+const CONNECT4: Hook = sock_addr(
+    "cgroup/connect4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    ATTACH_INET4_CONNECT,
+    "4.17",
+);
+const GETSOCKNAME4: Hook = sock_addr(
+    "cgroup/getsockname4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    ATTACH_INET4_GETSOCKNAME,
+    "5.8",
+);
 const SOCK_OPS: Hook = Hook {
     name: "sockops (BPF_PROG_TYPE_SOCK_OPS)",
     prog_type: PROG_SOCK_OPS,

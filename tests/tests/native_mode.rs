@@ -319,7 +319,10 @@ fn after_the_agent_stops_new_sockets_are_ordinary_and_existing_ones_keep_serving
     }
     let (link, cgroup, agent) = managed(&[]);
     let _server = python_http_server(&link.server, Some(&cgroup), "192.0.2.10", 8080);
-    assert_eq!(bpf_programs_attached(&cgroup).len(), PROGRAMS_PER_ATTACHMENT);
+    assert_eq!(
+        bpf_programs_attached(&cgroup).len(),
+        PROGRAMS_PER_ATTACHMENT
+    );
     assert!(agent.stop().success(), "{}", agent.log());
     assert!(agent.log().contains("detached"), "{}", agent.log());
     assert_eq!(

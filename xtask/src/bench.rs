@@ -5,16 +5,45 @@
 //! close) in the managed cgroup ÷ the same loop outside it setting IP_FREEBIND itself — the
 //! kernel's own path, the limit. Bystanders: the baseline loop in an unmanaged process while
 //! the agent serves another cgroup ÷ with no agent at all.
-use std::{fs, path::Path, process::Command};
+//!
+//! Steer mode: connections per second (TCP: connect, 8 bytes each way, close) and
+//! request/reply exchanges per second (UDP, unconnected client) from `freebind-loadgen` in
+//! a client namespace to `freebind-echo-server` (socket() + bind(), no setsockopt) started
+//! in the managed cgroup while its address was absent — parked and steered — ÷ the same
+//! server, same cgroup and agent, bound to an address that was present (the kernel's own
+//! lookup). Both servers run side by side on one veth; each round measures both back to
+//! back, alternating which goes first. The baseline pays for the agent's programs too (the
+//! sk_lookup program runs for every lookup in the namespace and finds nothing for it; the
+//! sock_ops and sendmsg programs run for its sockets), so the ratio is the cost of steering
+//! itself, not of having the agent. The servers and the load generator are pinned to one
+//! CPU: a request then runs start to end on it (veth delivers in the sender's softirq), so
+//! `1e9/rate` is the CPU time of one exchange and the Δ column the time steering adds to
+//! it: Δ = 1e9/steered − 1e9/baseline per round, positive when steering costs. Unpinned,
+//! the rate mostly measured where the scheduler woke the other side (UDP varied 3× between
+//! runs of the same server on these 2-CPU machines; pinned, ±1%).
+use std::{
+    fs,
+    net::IpAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use freebind_e2e::{require_root, run_in, Agent, Cgroup, Netns};
+use freebind_e2e::{
+    require_root, run_in, run_in_timeout, scenario, spawn_in, tcp_request, udp_request,
+    wait_for_log, Agent, Cgroup, Link, Netns, Proc,
+};
 use serde_json::json;
 
 use crate::{cmd, paths::Paths};
 
 const DEFAULT_ROUNDS: usize = 7;
 const DEFAULT_ITERATIONS: u64 = 20_000;
+const DEFAULT_THREADS: u32 = 1;
+
+/// Which measurements `--only` may pick.
+const PARTS: [&str; 3] = ["bind", "bystanders", "steer"];
 
 struct Stats {
     min: f64,
@@ -50,11 +79,15 @@ fn compare(rounds: usize, mut round: impl FnMut() -> Result<(f64, f64)>) -> Resu
     Ok([stats(measured), stats(base), stats(ratio)])
 }
 
-fn print_row(label: &str, [m, b, r]: &[Stats; 3]) {
-    println!(
+fn row(label: &str, [m, b, r]: &[Stats; 3]) -> String {
+    format!(
         "{label:<10} {:>8.0} {:>8.0} {:>8.0}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
         m.min, m.median, m.max, b.min, b.median, b.max, r.min, r.median, r.max
-    );
+    )
+}
+
+fn print_row(label: &str, stats: &[Stats; 3]) {
+    println!("{}", row(label, stats));
 }
 
 fn bindloop(
@@ -80,20 +113,47 @@ fn bindloop(
         .with_context(|| format!("bind loop printed {text:?}"))
 }
 
+/// `cargo xtask bench [--rounds N] [--iterations N] [--threads K] [--cpu C] [--only PART]...`:
+/// `--iterations` is the work of one measurement — binds for the bind path and the
+/// bystanders, connections (TCP) or request/reply exchanges (UDP) for steer mode;
+/// `--threads` is the number of load generator threads and `--cpu` the CPU that the
+/// servers and the load generator share in steer mode (default: the highest this process
+/// may use); `--only` (repeatable) runs only `bind`, `bystanders` or `steer`.
 pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     if !require_root() {
         bail!("the benchmark makes network namespaces and cgroups: run it as root");
     }
     let mut rounds = DEFAULT_ROUNDS;
     let mut iters = DEFAULT_ITERATIONS;
+    let mut threads = DEFAULT_THREADS;
+    let mut cpu = None;
+    let mut only = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--iterations" => iters = it.next().context("--iterations N")?.parse()?,
-            other => bail!("unknown bench argument {other:?} (--rounds N, --iterations N)"),
+            "--threads" => threads = it.next().context("--threads K")?.parse()?,
+            "--cpu" => cpu = Some(it.next().context("--cpu C")?.parse()?),
+            "--only" => {
+                let part = it.next().context("--only PART")?;
+                ensure!(
+                    PARTS.contains(&part.as_str()),
+                    "--only {part:?}: one of {PARTS:?}"
+                );
+                only.push(part.clone());
+            }
+            other => bail!(
+                "unknown bench argument {other:?} (--rounds N, --iterations N, --threads K, \
+                 --cpu C, --only bind|bystanders|steer)"
+            ),
         }
     }
+    ensure!(
+        rounds > 0 && iters > 0 && threads > 0,
+        "--rounds, --iterations and --threads must be positive"
+    );
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
     cmd::run(Command::new("cargo").current_dir(&paths.root).args([
         "build",
         "--release",
@@ -107,14 +167,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let cgroup = Cgroup::new("fb-bench");
     let elsewhere = Cgroup::new("fb-bench-other");
     let mut results = Vec::new();
-    println!(
-        "\nbind path: ns per socket+setsockopt+bind+close, {rounds} rounds × {iters} iterations"
-    );
-    println!(
-        "{:<10} {:>28} {:>28} {:>24}",
-        "case", "managed (min/med/max)", "IP_FREEBIND itself", "ratio (min/med/max)"
-    );
-    {
+    if wanted("bind") {
+        println!(
+            "\nbind path: ns per socket+setsockopt+bind+close, {rounds} rounds × {iters} iterations"
+        );
+        println!(
+            "{:<10} {:>28} {:>28} {:>24}",
+            "case", "managed (min/med/max)", "IP_FREEBIND itself", "ratio (min/med/max)"
+        );
         let _agent = Agent::run_binary(&paths.agent, &ns, &cgroup, &[]);
         for (proto, addr, label) in [
             ("tcp", "192.0.2.55", "tcp4"),
@@ -138,21 +198,31 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         }
     }
 
-    println!("\nbystanders: the IP_FREEBIND loop (tcp4) outside any managed cgroup, agent serving another cgroup ÷ no agent");
-    let cmp = compare(rounds, || {
-        let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
-        let with = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
-        agent.stop();
-        let without = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
-        Ok((with, without))
-    })?;
-    print_row("tcp4", &cmp);
-    let [w, n, r] = &cmp;
-    results.push(json!({
-        "benchmark": "bystander", "case": "tcp4", "unit": "ns/bind",
-        "agent_elsewhere": w.json(), "no_agent": n.json(), "ratio": r.json(),
-        "goal": "<= 1.01",
-    }));
+    if wanted("bystanders") {
+        println!("\nbystanders: the IP_FREEBIND loop (tcp4) outside any managed cgroup, agent serving another cgroup ÷ no agent");
+        let cmp = compare(rounds, || {
+            let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
+            let with = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+            agent.stop();
+            let without = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+            Ok((with, without))
+        })?;
+        print_row("tcp4", &cmp);
+        let [w, n, r] = &cmp;
+        results.push(json!({
+            "benchmark": "bystander", "case": "tcp4", "unit": "ns/bind",
+            "agent_elsewhere": w.json(), "no_agent": n.json(), "ratio": r.json(),
+            "goal": "<= 1.01",
+        }));
+    }
+
+    if wanted("steer") {
+        let cpu = match cpu {
+            Some(cpu) => cpu,
+            None => last_allowed_cpu()?,
+        };
+        steer(paths, rounds, iters, threads, cpu, &mut results)?;
+    }
 
     let dir = paths
         .agent
@@ -162,9 +232,323 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         .join("bench");
     fs::create_dir_all(&dir)?;
     let file = dir.join("results.json");
-    let doc = json!({"rounds": rounds, "iterations": iters, "kernel": kernel_release(), "results": results});
+    let doc = json!({
+        "rounds": rounds, "iterations": iters, "steer_threads": threads,
+        "kernel": kernel_release(), "results": results,
+    });
     fs::write(&file, serde_json::to_string_pretty(&doc)?)?;
     println!("\nwritten: {}", file.display());
+    Ok(())
+}
+
+/// The port every steer-mode server listens on (each on its own address).
+const STEER_PORT: u16 = 7000;
+
+/// Steer mode, per IP version: (version, steered address — absent when its servers bind,
+/// added to the server's veth afterwards —, baseline address — on the veth from the start).
+const STEER_FAMILIES: [(&str, &str, &str); 2] = [
+    ("4", "192.0.2.20", "192.0.2.21"),
+    ("6", "2001:db8::20", "2001:db8::21"),
+];
+
+/// The prefix length of the addresses on the veth: the client's subnet.
+fn prefix_len(family: &str) -> u8 {
+    if family == "4" {
+        24
+    } else {
+        64
+    }
+}
+
+/// Where the agent parks steered sockets (DESIGN.md §2): 127.0.0.0/8, and an address of
+/// this /64 it puts on `lo`.
+fn is_parking(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => a.segments()[..4] == [0xfd66, 0x7265, 0x6562, 0x696e],
+    }
+}
+
+fn addr_port(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+/// The local address `ss` shows for a socket of `proto` parked on `port` in `ns` (one of
+/// the parking addresses, of IPv6 when `v6`), if any.
+fn parked_on(ns: &Netns, proto: &str, port: u16, v6: bool) -> Option<String> {
+    let flag = if proto == "tcp" { "-Htln" } else { "-Huln" };
+    let out = ns.try_exec(&["ss", flag]);
+    let suffix = format!(":{port}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_suffix(&suffix))
+        .find(|ip| {
+            ip.trim_matches(['[', ']'])
+                .parse()
+                .is_ok_and(|ip: IpAddr| ip.is_ipv6() == v6 && is_parking(&ip))
+        })
+        .map(|ip| ip.trim_matches(['[', ']']).to_owned())
+}
+
+/// Starts `freebind-echo-server proto addr STEER_PORT` (socket() + bind(), no setsockopt)
+/// in `ns` and `cgroup`, waits until it says it is bound and pins it to `cpu` (its
+/// per-connection threads, started later, inherit that).
+fn echo_server(
+    bin: &Path,
+    ns: &Netns,
+    cgroup: &Cgroup,
+    proto: &str,
+    addr: &str,
+    cpu: usize,
+) -> Result<Proc> {
+    let server = spawn_in(
+        ns,
+        Some(cgroup),
+        &[&bin.to_string_lossy(), proto, addr, &STEER_PORT.to_string()],
+    );
+    wait_for_log(
+        &server,
+        &format!("listening on {}", addr_port(addr, STEER_PORT)),
+        scenario::SETTLE,
+    );
+    pin(server.pid(), cpu)?;
+    Ok(server)
+}
+
+/// Pins process `pid` (its main thread, which later threads inherit) to `cpu`.
+fn pin(pid: u32, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks `cpu`; the pid is a child we
+    // have not reaped (its guard is alive).
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        )
+    };
+    ensure!(
+        r == 0,
+        "pin pid {pid} to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// The highest-numbered CPU this process may run on (CPU 0 tends to take more of the
+/// machine's interrupts and housekeeping).
+fn last_allowed_cpu() -> Result<usize> {
+    // SAFETY: sched_getaffinity fills the plain-data set; CPU_ISSET reads inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        ensure!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0,
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .rev()
+            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .context("no CPU in this process's affinity mask")
+    }
+}
+
+/// One `freebind-loadgen` run of `count` operations from the client namespace; the rate.
+fn loadgen(
+    bin: &Path,
+    ns: &Netns,
+    proto: &str,
+    addr: &str,
+    count: u64,
+    threads: u32,
+    cpu: usize,
+) -> Result<f64> {
+    let argv = [
+        bin.to_string_lossy().into_owned(),
+        proto.to_owned(),
+        addr.to_owned(),
+        STEER_PORT.to_string(),
+        "--count".to_owned(),
+        count.to_string(),
+        "--threads".to_owned(),
+        threads.to_string(),
+        "--cpu".to_owned(),
+        cpu.to_string(),
+    ];
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    // A generous bound: a few hundred operations per second would already be a failure.
+    let timeout = Duration::from_secs(60 + count / 200);
+    let out = run_in_timeout(ns, None, &argv, timeout);
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "load generator {proto} {addr} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    text.split_whitespace()
+        .next()
+        .and_then(|rate| rate.parse().ok())
+        .with_context(|| format!("load generator printed {text:?}"))
+}
+
+/// Waits until `addr` answers over `proto` from the client namespace (a UDP reply from
+/// `addr` itself), or fails with the last error.
+fn wait_answers(link: &Link, proto: &str, addr: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let last = if proto == "tcp" {
+            match tcp_request(&link.client, addr, STEER_PORT, b"ping") {
+                Ok(reply) if reply == b"ping" => return Ok(()),
+                Ok(reply) => format!("reply {reply:?}"),
+                Err(e) => e,
+            }
+        } else {
+            match udp_request(&link.client, addr, STEER_PORT, b"ping") {
+                Ok((reply, from)) if reply == b"ping" && from == addr => return Ok(()),
+                Ok((reply, from)) => format!("reply {reply:?} from {from}"),
+                Err(e) => e,
+            }
+        };
+        ensure!(
+            start.elapsed() < scenario::SETTLE,
+            "{proto} {} does not answer after {:?}: {last}",
+            addr_port(addr, STEER_PORT),
+            scenario::SETTLE
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Steer mode: TCP connections per second and UDP exchanges per second to a steered server
+/// ÷ the same server natively bound, `rounds` rounds of `iters` operations each.
+fn steer(
+    paths: &Paths,
+    rounds: usize,
+    iters: u64,
+    threads: u32,
+    cpu: usize,
+    results: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let echo = paths.agent.with_file_name("freebind-echo-server");
+    let gen = paths.agent.with_file_name("freebind-loadgen");
+    let cgroup = Cgroup::new("fb-bench-steer");
+    let link = Link::new();
+    // The client closes first and keeps the TIME_WAITs: tens of thousands of connections to
+    // one address within seconds need its ports back after 1 s (tcp_tw_reuse=1, with the
+    // timestamps Linux sends by default) and all of them. Both are per network namespace.
+    link.client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    link.client
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
+    // The baseline addresses are there before the agent starts, so its first view of
+    // what is local already has them and their servers bind natively.
+    for (family, _, baseline) in STEER_FAMILIES {
+        scenario::add_server_addr(&link, &format!("{baseline}/{}", prefix_len(family)));
+    }
+    let _agent = Agent::run_binary(&paths.agent, &link.server, &cgroup, &[]);
+    let mut servers = Vec::new();
+    let mut parking = Vec::new();
+    for (family, steered, baseline) in STEER_FAMILIES {
+        for proto in ["tcp", "udp"] {
+            servers.push(echo_server(
+                &echo,
+                &link.server,
+                &cgroup,
+                proto,
+                steered,
+                cpu,
+            )?);
+            let parked =
+                parked_on(&link.server, proto, STEER_PORT, family == "6").with_context(|| {
+                    format!(
+                    "the {proto} server bound to {steered} (absent) is not on a parking address: \
+                     is steer mode there? ss shows:\n{}",
+                    String::from_utf8_lossy(&link.server.try_exec(&["ss", "-Htuln"]).stdout)
+                )
+                })?;
+            servers.push(echo_server(
+                &echo,
+                &link.server,
+                &cgroup,
+                proto,
+                baseline,
+                cpu,
+            )?);
+            ensure!(
+                scenario::listening(&link.server, proto, &addr_port(baseline, STEER_PORT)),
+                "the {proto} server bound to {baseline} (present) is not bound to it natively"
+            );
+            parking.push(((family, proto), parked));
+        }
+    }
+    for (family, steered, _) in STEER_FAMILIES {
+        scenario::add_server_addr(&link, &format!("{steered}/{}", prefix_len(family)));
+    }
+    println!(
+        "\nsteer mode: tcp conn/s and udp req/s, steered ÷ natively bound, {rounds} rounds × \
+         {iters} connections or exchanges, {threads} client thread(s), all on CPU {cpu}"
+    );
+    println!(
+        "{:<10} {:>26}   {:>26}   {:>20}   {:>23}",
+        "case",
+        "steered (min/med/max)",
+        "native bind (min/med/max)",
+        "ratio (min/med/max)",
+        "Δ ns/call (min/med/max)"
+    );
+    for (family, steered, baseline) in STEER_FAMILIES {
+        for proto in ["tcp", "udp"] {
+            let label = format!("steer {proto}{family}");
+            wait_answers(&link, proto, steered)?;
+            wait_answers(&link, proto, baseline)?;
+            // Warm-up: neighbour entries, the first thread stacks, page faults.
+            let warm = (iters / 20).max(100);
+            loadgen(&gen, &link.client, proto, steered, warm, threads, cpu)?;
+            loadgen(&gen, &link.client, proto, baseline, warm, threads, cpu)?;
+            let mut deltas = Vec::new();
+            let mut round = 0;
+            let cmp = compare(rounds, || {
+                let run = |addr| loadgen(&gen, &link.client, proto, addr, iters, threads, cpu);
+                // Alternate which goes first: a drift within a round (a neighbour waking
+                // up, frequency scaling) then favours neither side.
+                let (s, b) = if round % 2 == 0 {
+                    let s = run(steered)?;
+                    (s, run(baseline)?)
+                } else {
+                    let b = run(baseline)?;
+                    (run(steered)?, b)
+                };
+                round += 1;
+                deltas.push(1e9 / s - 1e9 / b);
+                Ok((s, b))
+            })?;
+            let delta = stats(deltas);
+            println!(
+                "{}   {:>+7.0} {:>+7.0} {:>+7.0}",
+                row(&label, &cmp),
+                delta.min,
+                delta.median,
+                delta.max
+            );
+            let [s, b, r] = &cmp;
+            let parked = parking
+                .iter()
+                .find(|(k, _)| *k == (family, proto))
+                .map(|(_, p)| p.clone());
+            results.push(json!({
+                "benchmark": "steer", "case": format!("{proto}{family}"),
+                "unit": if proto == "tcp" { "conn/s" } else { "req/s" },
+                "steered": s.json(), "baseline_native_bind": b.json(), "ratio": r.json(),
+                "delta_ns_per_call": delta.json(), "goal": ">= 0.95",
+                "client_threads": threads, "cpu": cpu, "parking_address": parked,
+            }));
+        }
+    }
     Ok(())
 }
 

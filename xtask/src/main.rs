@@ -42,7 +42,10 @@ enum Command {
     Demo,
     /// Build the agent and run the benchmarks.
     Bench {
-        /// Arguments passed to the benchmark.
+        /// Arguments passed to the benchmark: --rounds N (default 7), --iterations N (binds,
+        /// connections or exchanges per measurement; default 20000), --threads K (load
+        /// generator threads), --cpu C (the CPU servers and clients share), --only
+        /// bind|bystanders|steer (repeatable).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
