@@ -70,7 +70,8 @@ pub fn describe(ev: &BindEvent, intended: Option<IpAddr>) -> (log::Level, String
         ),
         Verdict::OtherNetns => (
             Info,
-            "in a network namespace whose addresses this agent does not watch: left to the kernel",
+            "in a network namespace this agent does not serve: left to the kernel (name it with \
+             --netns, or run the agent inside it)",
         ),
         Verdict::RefusedSource => (
             Warn,

@@ -64,6 +64,29 @@ fn a_bad_prefix_is_refused_in_one_line_and_attaches_nothing() {
 }
 
 #[test]
+fn a_network_namespace_that_does_not_exist_is_refused_in_one_line_and_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let cg = Cgroup::new("fb-cli");
+    let missing = unique_name("fb-nons");
+    let what = format!("opening network namespace /run/netns/{missing}");
+    let out = agent(&["run", "--cgroup", cg.relative(), "--netns", &missing]);
+    assert_clean_refusal(&out, &what, &cg);
+
+    let mut cmd = agent_command();
+    cmd.args(["exec", "--netns", &missing, "--", "true"]);
+    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_clean_refusal(&out, &what, &cg);
+    assert!(
+        !find_dir(cgroup2_mount(), &format!("freebind-exec-{pid}")),
+        "transient cgroup left behind"
+    );
+}
+
+#[test]
 fn a_path_that_is_not_a_cgroup_v2_directory_is_refused_in_one_line() {
     if !require_root() {
         return;
