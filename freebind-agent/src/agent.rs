@@ -1,10 +1,17 @@
 //! A foreground agent: one attachment, the network namespaces it serves (address watch and
 //! steering in each) and its event stream, served until the caller's future completes.
-use std::{future::Future, net::IpAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
-use freebind_common::{BindEvent, LocalAddrKey, SlotKey, Verdict, AF_INET, AF_INET6};
+use freebind_common::{served_flags, Verdict};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
 use crate::{
@@ -21,6 +28,10 @@ use crate::{
 /// The bind hooks submit events without waking the agent (see sock.rs); it drains them
 /// this often. 256 KiB of ring holds about 4,000 events: 80,000 binds/s before any drop.
 const EVENT_DRAIN_PERIOD: Duration = Duration::from_millis(50);
+
+/// The UDP iterator runs at most this often per namespace; what comes sooner waits for the
+/// next drain.
+const UDP_ITER_MIN_GAP: Duration = Duration::from_millis(10);
 
 /// What a namespace's watch task reports: its cookie and the next batch of changes
 /// (`None`: rtnetlink overran, resynchronise).
@@ -42,7 +53,9 @@ pub struct Agent {
     local_addrs: LocalMap,
     served_netns: AyaHashMap<MapData, u64, u8>,
     steer_maps: SteerMaps,
-    park_owners: AyaHashMap<MapData, SlotKey, LocalAddrKey>,
+    /// Namespaces with parked UDP sockets to enter, and when the iterator last ran in each.
+    udp_pending: HashSet<u64>,
+    udp_last: HashMap<u64, Instant>,
     events: AsyncFd<RingBuf<MapData>>,
     events_dropped: PerCpuArray<MapData, u64>,
     dropped_seen: u64,
@@ -74,7 +87,8 @@ impl Agent {
             local_addrs: maps.local_addrs,
             served_netns: maps.served_netns,
             steer_maps: maps.steer_maps,
-            park_owners: maps.park_owners,
+            udp_pending: HashSet::new(),
+            udp_last: HashMap::new(),
             events,
             events_dropped: maps.events_dropped,
             dropped_seen: 0,
@@ -110,8 +124,14 @@ impl Agent {
         let steering = Steering::start(&netns, &mut self.steer_maps)?;
         let mut locality = Locality::new(netns.cookie());
         locality.resync(&mut self.local_addrs, &AddrWatch::dump(&netns)?)?;
+        let flags = served_flags::SERVED
+            | if steering.parks_ipv6() {
+                served_flags::V6_PARKING
+            } else {
+                0
+            };
         self.served_netns
-            .insert(netns.cookie(), 1, 0)
+            .insert(netns.cookie(), flags, 0)
             .with_context(|| format!("registering {} in SERVED_NETNS", netns.label()))?;
         let tx = self.changes_tx.clone();
         let cookie = netns.cookie();
@@ -180,8 +200,7 @@ impl Agent {
             }
         }
         for ev in batch {
-            let intended = self.intended_of(&ev);
-            let (level, line) = report::describe(&ev, intended);
+            let (level, line) = report::describe(&ev);
             log::log!(level, "{line}");
             match Verdict::from_u8(ev.verdict) {
                 Some(Verdict::Steered) if ev.protocol == freebind_common::IPPROTO_UDP => {
@@ -190,11 +209,8 @@ impl Agent {
                 _ => {}
             }
         }
-        udp_parked_in.sort_unstable();
-        udp_parked_in.dedup();
-        for cookie in udp_parked_in {
-            self.enter_udp_sockets(cookie);
-        }
+        self.udp_pending.extend(udp_parked_in);
+        self.run_pending_udp();
         let dropped: u64 = self
             .events_dropped
             .get(&0, 0)
@@ -209,27 +225,25 @@ impl Agent {
         }
     }
 
-    /// For a parked socket's connect event: the address it is parked for.
-    fn intended_of(&self, ev: &BindEvent) -> Option<IpAddr> {
-        if Verdict::from_u8(ev.verdict) != Some(Verdict::ParkedConnect) {
-            return None;
+    /// Runs the UDP iterator where parked UDP sockets wait, at most once per
+    /// [`UDP_ITER_MIN_GAP`] per namespace: each run walks every UDP socket there, and a
+    /// process binding in a loop must not keep the agent from its other work.
+    fn run_pending_udp(&mut self) {
+        let due: Vec<u64> = self
+            .udp_pending
+            .iter()
+            .filter(|c| {
+                self.udp_last
+                    .get(c)
+                    .is_none_or(|t| t.elapsed() >= UDP_ITER_MIN_GAP)
+            })
+            .copied()
+            .collect();
+        for cookie in due {
+            self.udp_pending.remove(&cookie);
+            self.enter_udp_sockets(cookie);
+            self.udp_last.insert(cookie, Instant::now());
         }
-        let key = SlotKey {
-            netns_cookie: ev.netns_cookie,
-            slot: ev.slot,
-            family: if ev.addr_is_v4 != 0 {
-                AF_INET
-            } else {
-                AF_INET6
-            },
-            _pad: [0; 3],
-        };
-        let owner = self.park_owners.get(&key, 0).ok()?;
-        Some(if owner.family == AF_INET {
-            IpAddr::from([owner.addr[0], owner.addr[1], owner.addr[2], owner.addr[3]])
-        } else {
-            IpAddr::from(owner.addr)
-        })
     }
 
     /// Runs the UDP iterator in the namespace: parked UDP sockets enter its steering map.
@@ -266,7 +280,8 @@ impl Agent {
                 log_transition(addr, t, None, &where_);
             }
             if appeared {
-                self.enter_udp_sockets(cookie);
+                self.udp_pending.insert(cookie);
+                self.run_pending_udp();
             }
             return Ok(());
         };
@@ -302,7 +317,8 @@ impl Agent {
         // A UDP socket parked while its address was away is entered again now: cheap, and it
         // covers any socket whose event was lost.
         if appeared {
-            self.enter_udp_sockets(cookie);
+            self.udp_pending.insert(cookie);
+            self.run_pending_udp();
         }
         Ok(())
     }

@@ -151,6 +151,8 @@ const HELPERS: &[(Hook, &str, i32, &str)] = &[
     (BIND4, "bpf_ringbuf_reserve", 131, "Linux 5.8 or later"),
     (BIND4, "bpf_get_current_comm", 16, "a newer kernel"),
     (BIND4, "bpf_get_current_cgroup_id", 80, "a newer kernel"),
+    (BIND4, "bpf_sk_lookup_tcp", 84, "Linux 5.2 or later"),
+    (BIND4, "bpf_sk_lookup_udp", 85, "Linux 5.2 or later"),
     (SENDMSG4, "bpf_sk_storage_get", 107, "a newer kernel"),
     (CONNECT4, "bpf_sk_storage_get", 107, "a newer kernel"),
     (GETSOCKNAME4, "bpf_sk_storage_get", 107, "a newer kernel"),
@@ -370,6 +372,37 @@ fn create_map(
     )?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How many sk_lookup programs are attached to the network namespace `netns`
+/// (BPF_PROG_QUERY).
+pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let mut attr = QueryAttr {
+        target_fd: netns.as_raw_fd() as u32,
+        attach_type: ATTACH_SK_LOOKUP,
+        ..Default::default()
+    };
+    // The kernel writes the count back into the attribute.
+    let p = &mut attr as *mut QueryAttr;
+    bpf(
+        BPF_PROG_QUERY,
+        p.cast_const().cast(),
+        mem::size_of::<QueryAttr>(),
+    )?;
+    // SAFETY: `p` points to `attr`, alive and written by the kernel.
+    Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*p).prog_cnt)) })
 }
 
 /// The cookie of the network namespace `fd` lives in (`SO_NETNS_COOKIE`, Linux 5.14); the

@@ -16,7 +16,7 @@ use aya::{
     util::KernelVersion,
     Btf, Ebpf, EbpfLoader,
 };
-use freebind_common::{maps, programs, LocalAddrKey, SlotKey};
+use freebind_common::{maps, programs, LocalAddrKey};
 
 use crate::{netns::Netns, policy::Policy};
 
@@ -34,7 +34,6 @@ pub struct Maps {
     pub events_dropped: PerCpuArray<MapData, u64>,
     pub served_netns: AyaHashMap<MapData, u64, u8>,
     pub steer_maps: HashOfMaps<MapData, u64, MapData>,
-    pub park_owners: AyaHashMap<MapData, SlotKey, LocalAddrKey>,
 }
 
 /// A program attached to the cgroup, kept so that [`Attachment`]'s drop can detach in a
@@ -110,7 +109,6 @@ impl Attachment {
             events_dropped: take_map(&mut ebpf, maps::EVENTS_DROPPED)?,
             served_netns: take_map(&mut ebpf, maps::SERVED_NETNS)?,
             steer_maps: take_map(&mut ebpf, maps::STEER_MAPS)?,
-            park_owners: take_map(&mut ebpf, maps::PARK_OWNERS)?,
         };
         let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::ALLOW_V4)?;
         let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::ALLOW_V6)?;

@@ -25,8 +25,8 @@ enum Command {
         #[command(flatten)]
         policy: PolicyArgs,
         /// Also serve this network namespace (an `ip netns` name or a path such as
-        /// /proc/PID/ns/net; repeatable). The agent's own is always served, and namespaces
-        /// the managed processes bind in are followed as they are seen.
+        /// /proc/PID/ns/net; repeatable). The agent's own is always served; binds in other
+        /// namespaces are left to the kernel and logged as other-netns.
         #[arg(long = "netns", value_name = "NETNS")]
         netns: Vec<String>,
     },

@@ -6,14 +6,14 @@
 use std::{
     io,
     net::{IpAddr, Ipv6Addr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
 use freebind_common::parking;
 
-use crate::{addrwatch::netlink_socket, netns::Netns};
+use crate::{addrwatch::netlink_socket, kernel, netns::Netns};
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
@@ -66,7 +66,10 @@ pub struct LoState {
 pub fn check_lo(netns: &Netns) -> Result<LoState> {
     netns.run(|| {
         let up = lo_up_ioctl()?;
-        let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+        // /proc/sys/net is the reading thread's namespace. IPv6 is off when the kernel has
+        // none or when lo has it disabled (a common hardening), which refuses addresses.
+        let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+            .is_ok_and(|v| v.trim() == "0");
         Ok(LoState { up, ipv6 })
     })
 }
@@ -92,10 +95,10 @@ fn lo_up_ioctl() -> Result<bool> {
 }
 
 impl V6Pool {
-    /// Assigns the pool on `lo`. An address already there is shared, not taken over: another
-    /// agent serving the namespace put it there and removes it when it stops. A failure
-    /// halfway removes what was added.
-    pub fn assign(netns: Arc<Netns>) -> Result<Self> {
+    /// Assigns the pool on `lo`; `None` when the namespace refuses IPv6 addresses there.
+    /// An address already there is shared, not taken over: another agent serving the
+    /// namespace put it there. A failure halfway removes what was added.
+    pub fn assign(netns: Arc<Netns>) -> Result<Option<Self>> {
         let mut pool = Self {
             netns,
             added: Vec::new(),
@@ -107,21 +110,36 @@ impl V6Pool {
                 for addr in v6_pool() {
                     match request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, lo, addr) {
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        // IPv6 disabled on lo after we looked.
+                        Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Ok(false),
                         r => {
                             r.with_context(|| format!("adding parking address {addr} to lo"))?;
                             added.push(addr);
                         }
                     }
                 }
-                Ok(())
+                Ok(true)
             })
-            .context("assigning steer mode's IPv6 parking addresses")?;
-        Ok(pool)
+            .context("assigning steer mode's IPv6 parking addresses")
+            .map(|assigned| assigned.then_some(pool))
     }
 }
 
 impl Drop for V6Pool {
+    /// Removes what this agent added, unless another sk_lookup program (another agent's)
+    /// still serves the namespace and may have parked sockets there.
     fn drop(&mut self) {
+        match kernel::sk_lookup_programs(self.netns.as_fd()) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::info!(
+                    "leaving the IPv6 parking addresses on lo in {}: {n} other sk_lookup program(s) still serve it",
+                    self.netns.label()
+                );
+                return;
+            }
+            Err(e) => log::debug!("querying sk_lookup programs in {}: {e}", self.netns.label()),
+        }
         let added = &self.added;
         let result = self.netns.run(|| {
             let lo = lo_index()?;

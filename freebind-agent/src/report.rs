@@ -34,8 +34,7 @@ fn comm(ev: &BindEvent) -> String {
 }
 
 /// `bind 192.0.2.10:8080/tcp by nginx (pid 812): freebind — not local; made freebind …`.
-/// `intended` is, for a parked socket's connect, the address it is parked for.
-pub fn describe(ev: &BindEvent, intended: Option<IpAddr>) -> (log::Level, String) {
+pub fn describe(ev: &BindEvent) -> (log::Level, String) {
     let proto = if ev.protocol == IPPROTO_TCP {
         "tcp"
     } else {
@@ -90,15 +89,20 @@ pub fn describe(ev: &BindEvent, intended: Option<IpAddr>) -> (log::Level, String
              namespace (or the namespace has no IPv6): EADDRNOTAVAIL",
         ),
         Verdict::ParkedConnect => {
-            let parked_for = intended.map_or_else(|| "an absent address".to_owned(), |a| a.to_string());
             parked_connect = format!(
-                "this socket is parked at {parked_at} for {parked_for}, and a parked socket cannot \
-                 connect to a peer (steer mode is for servers); the kernel refuses the connect. \
-                 Have the program call setsockopt() before bind() so that native mode takes it \
-                 (socat: add the reuseaddr option), or start it once its address exists"
+                "this socket is parked at {parked_at}, and a parked socket cannot connect to a \
+                 peer on another host (steer mode is for servers; the kernel refuses a loopback \
+                 source there). Have the program call setsockopt() before bind() so that native \
+                 mode takes it (socat: add the reuseaddr option), or start it once its address \
+                 exists"
             );
             (Warn, parked_connect.as_str())
         }
+        Verdict::InUse => (
+            Warn,
+            "not local, and a socket already receives for this address and port: EADDRINUSE, \
+             as without freebind",
+        ),
     };
     let what = match verdict {
         Verdict::RefusedSource => format!(
@@ -106,7 +110,7 @@ pub fn describe(ev: &BindEvent, intended: Option<IpAddr>) -> (log::Level, String
             event_addr(ev),
             ev.port
         ),
-        Verdict::ParkedConnect => format!("connect to {addr}/{proto}"),
+        Verdict::ParkedConnect => format!("connect from {addr}/{proto}"),
         _ => format!("bind {addr}/{proto}"),
     };
     (
@@ -143,7 +147,7 @@ mod tests {
         };
         ev.addr[..4].copy_from_slice(&[192, 0, 2, 10]);
         ev.comm[..5].copy_from_slice(b"nginx");
-        let (level, line) = describe(&ev, None);
+        let (level, line) = describe(&ev);
         assert_eq!(level, log::Level::Info);
         assert!(
             line.starts_with("bind 192.0.2.10:8080/tcp by nginx (pid 812, cgroup id 42): freebind"),
@@ -152,21 +156,18 @@ mod tests {
 
         ev.verdict = Verdict::Steered as u8;
         ev.slot = 0x0102;
-        let (_, line) = describe(&ev, None);
+        let (_, line) = describe(&ev);
         assert!(line.contains(": steered — "), "{line}");
         assert!(line.contains("parked at 127.254.1.2 "), "{line}");
 
         ev.verdict = Verdict::ParkedConnect as u8;
-        let (level, line) = describe(&ev, Some("192.0.2.99".parse().unwrap()));
+        let (level, line) = describe(&ev);
         assert_eq!(level, log::Level::Warn);
         assert!(
-            line.starts_with("connect to 192.0.2.10:8080/tcp by nginx"),
+            line.starts_with("connect from 192.0.2.10:8080/tcp by nginx"),
             "{line}"
         );
-        assert!(
-            line.contains("parked at 127.254.1.2 for 192.0.2.99"),
-            "{line}"
-        );
+        assert!(line.contains("parked at 127.254.1.2,"), "{line}");
         assert!(line.contains("reuseaddr"), "{line}");
     }
 }

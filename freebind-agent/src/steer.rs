@@ -32,14 +32,16 @@ impl Steering {
             );
         }
         let pool = if lo.ipv6 {
-            Some(V6Pool::assign(Arc::clone(netns))?)
+            V6Pool::assign(Arc::clone(netns))?
         } else {
-            log::info!(
-                "{} has no IPv6: steer mode parks IPv4 only there",
-                netns.label()
-            );
             None
         };
+        if pool.is_none() {
+            log::info!(
+                "{} has IPv6 off on lo: steer mode parks IPv4 only there",
+                netns.label()
+            );
+        }
         let lookup = SteerLookup::attach(netns)?;
         steer_maps
             .insert(netns.cookie(), lookup.socks(), 0)
@@ -53,6 +55,11 @@ impl Steering {
             lookup,
             _pool: pool,
         })
+    }
+
+    /// Are the IPv6 parking addresses there (the bind hook parks IPv6 only then)?
+    pub fn parks_ipv6(&self) -> bool {
+        self._pool.is_some()
     }
 
     /// Takes the namespace's entry out of `STEER_MAPS` (the agent no longer serves it).

@@ -29,7 +29,8 @@ pub mod maps {
     /// `SkStorage<SockState>`: what freebind did to each socket.
     pub const SOCK_STATE: &str = "SOCK_STATE";
     /// `HashMap<u64, u8>`: cookies of the network namespaces whose addresses the agent
-    /// keeps in `LOCAL_ADDRS`. Sockets elsewhere are left to the kernel entirely.
+    /// keeps in `LOCAL_ADDRS`, with their `served_flags`. Sockets elsewhere are left to
+    /// the kernel entirely.
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
     /// `HashMap<LocalAddrKey, u32>`: the parking slot of each intended address that steer
     /// mode has parked, per network namespace.
@@ -88,6 +89,14 @@ pub mod programs {
         BIND6,
         SETSOCKOPT,
     ];
+}
+
+/// Values of `SERVED_NETNS`.
+pub mod served_flags {
+    /// The agent keeps this namespace's addresses in `LOCAL_ADDRS`.
+    pub const SERVED: u8 = 1 << 0;
+    /// The agent assigned the IPv6 parking addresses there (not when IPv6 is off).
+    pub const V6_PARKING: u8 = 1 << 1;
 }
 
 /// Where steer mode parks sockets. Both sides derive parking addresses from slots with
@@ -279,9 +288,12 @@ pub enum Verdict {
     /// Steer mode would park the socket but has no parking slot left for its address (or
     /// the namespace has no IPv6 parking addresses): `EADDRNOTAVAIL`.
     NoParking = 9,
-    /// A parked socket called `connect()`; `addr`/`port` are the peer. The kernel refuses
-    /// a parking source towards anything but loopback: steer mode is for servers.
+    /// A parked socket called `connect()`; `addr`/`port` are what it is parked for. The
+    /// kernel refuses a parking source towards another host: steer mode is for servers.
     ParkedConnect = 10,
+    /// Steer mode would park the socket, but a socket already receives for that address
+    /// and port (a parked one, or another freebind socket): `EADDRINUSE`, as natively.
+    InUse = 11,
 }
 
 impl Verdict {
@@ -297,6 +309,7 @@ impl Verdict {
             8 => Self::Steered,
             9 => Self::NoParking,
             10 => Self::ParkedConnect,
+            11 => Self::InUse,
             _ => return None,
         })
     }
@@ -313,6 +326,7 @@ impl Verdict {
             Self::Steered => "steered",
             Self::NoParking => "no-parking",
             Self::ParkedConnect => "parked-connect",
+            Self::InUse => "in-use",
         }
     }
 }
@@ -379,7 +393,7 @@ mod tests {
 
     #[test]
     fn verdicts_round_trip() {
-        for v in 1..=10 {
+        for v in 1..=11 {
             assert_eq!(Verdict::from_u8(v).unwrap() as u8, v);
         }
         assert!(Verdict::from_u8(0).is_none());

@@ -3,13 +3,16 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_netns_cookie, bpf_set_retval},
+    bindings::bpf_sock_tuple,
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use freebind_common::{sock_flags, Verdict, IPPROTO_TCP, IPPROTO_UDP};
+use freebind_common::{served_flags, sock_flags, Verdict, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     addr::{store_ip6, Addr},
@@ -17,7 +20,13 @@ use crate::{
     sock::{self, Report},
 };
 
+const EADDRINUSE: i32 = 98;
 const EADDRNOTAVAIL: i32 = 99;
+/// The namespace of the context's socket (`BPF_F_CURRENT_NETNS`, -1).
+const BPF_F_CURRENT_NETNS: u64 = u64::MAX;
+/// `sizeof(tuple->ipv4)` and `sizeof(tuple->ipv6)` of `struct bpf_sock_tuple`.
+const IPV4_TUPLE: u32 = 12;
+const IPV6_TUPLE: u32 = 36;
 
 #[cgroup_sock_addr(bind4)]
 pub fn fb_bind4(ctx: SockAddrContext) -> i32 {
@@ -59,6 +68,12 @@ fn decide(ctx: &SockAddrContext, addr: Addr, hook6: bool) -> i32 {
     if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
         return 1;
     }
+    // A socket that is already bound gets EINVAL from the kernel after this hook; it must
+    // not be judged (nor its parked state overwritten) as if this were its bind.
+    // SAFETY: `sk` of a bind hook is a full socket.
+    if unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk.as_ref() }.is_some_and(|s| s.src_port != 0) {
+        return 1;
+    }
     // `user_port` holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(port as u16);
 
@@ -67,10 +82,10 @@ fn decide(ctx: &SockAddrContext, addr: Addr, hook6: bool) -> i32 {
     } else {
         unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
     };
-    let (verdict, slot) = verdict(sk, &addr, netns_cookie);
+    let (verdict, slot) = verdict(ctx, sk, &addr, netns_cookie, port, protocol);
     let allow = match verdict {
         Verdict::Steered => park(ctx, sk, &addr, netns_cookie, slot, hook6),
-        Verdict::Refused | Verdict::NoParking => false,
+        Verdict::Refused | Verdict::NoParking | Verdict::InUse => false,
         _ => {
             // A socket whose earlier bind was parked but failed (EADDRINUSE) and that now
             // binds elsewhere is no longer steered.
@@ -86,9 +101,14 @@ fn decide(ctx: &SockAddrContext, addr: Addr, hook6: bool) -> i32 {
         Verdict::NoParking
     };
     if !allow {
-        // The error the kernel itself gives a non-local bind; without this a 0 return
-        // becomes EPERM. Needs bpf_set_retval (Linux 5.18).
-        unsafe { bpf_set_retval(-EADDRNOTAVAIL) };
+        // The errors the kernel itself gives; without this a 0 return becomes EPERM. Needs
+        // bpf_set_retval (Linux 5.18).
+        let errno = if verdict == Verdict::InUse {
+            EADDRINUSE
+        } else {
+            EADDRNOTAVAIL
+        };
+        unsafe { bpf_set_retval(-errno) };
     }
     debug!(ctx, "bind port {} verdict {}", port, verdict as u8);
     sock::report(Report {
@@ -105,45 +125,85 @@ fn decide(ctx: &SockAddrContext, addr: Addr, hook6: bool) -> i32 {
 
 /// The verdict, and the parking slot when it is [`Verdict::Steered`].
 #[inline(always)]
-fn verdict(sk: *mut c_void, addr: &Addr, netns_cookie: u64) -> (Verdict, u32) {
+fn verdict(
+    ctx: &SockAddrContext,
+    sk: *mut c_void,
+    addr: &Addr,
+    netns_cookie: u64,
+    port: u16,
+    protocol: u32,
+) -> (Verdict, u32) {
     if addr.is_kernel_special() {
         return (Verdict::Local, 0);
     }
-    if !sock::served(netns_cookie) {
+    let Some(served) = sock::served(netns_cookie) else {
         return (Verdict::OtherNetns, 0);
+    };
+    // Local addresses are the kernel's to decide, whatever freebind did before: parking a
+    // bind of a present address would let it slip past the kernel's EADDRINUSE check
+    // against whoever holds that address and port.
+    if addr.is_local(netns_cookie) {
+        return (Verdict::Local, 0);
     }
-    let local = addr.is_local(netns_cookie);
     let flags = sock::state_flags(sk);
     if flags & sock_flags::APP_FREEBIND != 0 {
-        return (
-            if local {
-                Verdict::Local
-            } else {
-                Verdict::AppFreebind
-            },
-            0,
-        );
+        return (Verdict::AppFreebind, 0);
     }
-    if !local && !addr.is_allowed() {
+    if !addr.is_allowed() {
         return (Verdict::Refused, 0);
-    }
-    // Once an address is parked in this namespace every bind of it parks, present or not,
-    // native or not: a second server on the same address and port must meet the first
-    // one's socket (EADDRINUSE) as it would without freebind, and traffic for the address
-    // must reach whichever socket holds it.
-    if let Some(slot) = park::existing(netns_cookie, addr) {
-        return (Verdict::Steered, slot);
-    }
-    if local {
-        return (Verdict::Local, 0);
     }
     if flags & sock_flags::NATIVE != 0 {
         return (Verdict::Freebind, 0);
+    }
+    // A parked socket is bound to its parking address, so the kernel cannot see that the
+    // address and port it asked for are taken (by another freebind socket, or a parked
+    // one): ask the lookup, which our sk_lookup program answers for parked sockets too.
+    if held(ctx, addr, port, protocol) {
+        return (Verdict::InUse, 0);
+    }
+    if !addr.is_v4 && served & served_flags::V6_PARKING == 0 {
+        return (Verdict::NoParking, 0);
     }
     match park::allocate(netns_cookie, addr) {
         Some(slot) => (Verdict::Steered, slot),
         None => (Verdict::NoParking, 0),
     }
+}
+
+/// Does a socket in the binding socket's namespace already receive for `addr:port`? A
+/// steered socket never carries SO_REUSEADDR or SO_REUSEPORT (those would have put it in
+/// native mode), so natively any such holder means EADDRINUSE.
+#[inline(always)]
+fn held(ctx: &SockAddrContext, addr: &Addr, port: u16, protocol: u32) -> bool {
+    if port == 0 {
+        return false;
+    }
+    // SAFETY: all-zero is a valid tuple (wildcard source).
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if addr.is_v4 {
+        tuple.__bindgen_anon_1.ipv4.daddr = addr.ip4_word();
+        tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+        IPV4_TUPLE
+    } else {
+        tuple.__bindgen_anon_1.ipv6.daddr = addr.ip6_words();
+        tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+        IPV6_TUPLE
+    };
+    let ctx = ctx.as_ptr();
+    // SAFETY: helpers of cgroup/bind programs (Linux 5.2); the reference is released below.
+    let sk = unsafe {
+        if protocol == IPPROTO_TCP as u32 {
+            bpf_sk_lookup_tcp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` was acquired by the lookup above.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 /// Rewrites the bind to the parking address (same port) and records what the socket asked

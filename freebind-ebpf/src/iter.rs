@@ -23,9 +23,9 @@ pub struct IterUdp {
 }
 
 /// Offset of `skc_num` (the bound port, host byte order) in `struct sock_common`, at the
-/// start of every socket: after `skc_addrpair` (8), `skc_hash` (4) and `skc_dport` (2). The
-/// verifier checks this access against the kernel's BTF, so a kernel where it moved refuses
-/// the program at load time instead of reading the wrong field.
+/// start of every socket: after `skc_addrpair` (8), `skc_hash` (4) and `skc_dport` (2), a
+/// layout unchanged since long before iterators existed (aya-ebpf 0.2 has no CO-RE field
+/// relocations). The verifier only checks that the read stays inside a member.
 const SKC_NUM: usize = 14;
 
 #[unsafe(no_mangle)]

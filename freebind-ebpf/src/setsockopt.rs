@@ -100,7 +100,7 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<(), ()> {
 
     // Only where the agent knows which addresses are local; elsewhere the socket stays
     // ordinary and the kernel decides its binds alone.
-    if !sock::served(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
+    if sock::served(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }).is_none() {
         return Err(());
     }
     let state = sock::state(sk.cast(), true).ok_or(())?;

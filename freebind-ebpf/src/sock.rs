@@ -67,11 +67,11 @@ pub fn parked(sk: *mut c_void, bound: &Addr) -> Option<(&'static mut SockState, 
         .then_some((state, intended))
 }
 
-/// Does the agent keep the addresses of this network namespace?
+/// The namespace's `served_flags` when the agent keeps its addresses.
 #[inline(always)]
-pub fn served(netns_cookie: u64) -> bool {
-    // SAFETY: presence test only.
-    unsafe { SERVED_NETNS.get(netns_cookie) }.is_some()
+pub fn served(netns_cookie: u64) -> Option<u8> {
+    // SAFETY: a byte copied out at once.
+    unsafe { SERVED_NETNS.get(netns_cookie) }.copied()
 }
 
 /// What one event says; [`report`] adds who and where from the current task.

@@ -1,7 +1,8 @@
-//! `sockops`: a parked TCP socket enters its namespace's steering map the moment it
-//! listens (`BPF_SOCK_OPS_TCP_LISTEN_CB` fires for every listen, with no callback flags to
-//! set), so no connection can arrive before the sk_lookup program can find it. Entries
-//! leave the map by themselves when the socket closes.
+//! `sockops`: a parked TCP socket enters its namespace's steering map as it listens
+//! (`BPF_SOCK_OPS_TCP_LISTEN_CB` fires for every listen, with no callback flags to set,
+//! right after the kernel hashed the listener; before listen() returns). Entries leave the
+//! map by themselves when the socket closes. A steered socket never has SO_REUSEPORT (that
+//! setsockopt would have put it in native mode), so one entry per key is the whole group.
 use aya_ebpf::{macros::sock_ops, programs::SockOpsContext};
 use freebind_common::{SteerKey, IPPROTO_TCP};
 

@@ -1113,3 +1113,49 @@ fn the_readme_table_goes_between_its_markers_or_in_a_new_section_before_cost() {
         assert_eq!(format!("{}{}", &updated[..begin], &updated[end..]), real);
     }
 }
+
+#[test]
+fn a_steered_bind_cannot_take_an_address_and_port_another_socket_already_holds() {
+    if !require_root() {
+        return;
+    }
+    let (link, cgroup, agent) = managed(&[]);
+    let bind = |addr, port, cg| try_bind(&link.server, cg, "tcp", addr, port, false);
+
+    // A freebind socket (native mode) holds 192.0.2.10:7100 while the address is absent:
+    // natively a second bind of it fails, and so must a parked one, which the kernel alone
+    // would not see (it lands on a parking address).
+    let holder = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[ECHO_SERVER, "tcp", "192.0.2.10", "7100", "--reuseaddr"],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:7100", &holder);
+    assert_eq!(bind("192.0.2.10", 7100, Some(&cgroup)), Err(EADDRINUSE));
+    wait_until("the conflict is logged", SETTLE, || {
+        agent.log().contains("bind 192.0.2.10:7100/tcp by python3")
+            && agent.log().contains("in-use")
+    });
+
+    // Once the address is present, binds of it are the kernel's to judge, even after
+    // freebind parked something there: a service outside the cgroup on 192.0.2.10:7101
+    // keeps its port against a process inside.
+    let parked = echo_server(&link, &cgroup, "tcp", "192.0.2.10", 7102);
+    wait_parked(&link.server, "tcp", 7102, 1, &parked);
+    add_server_addr(&link, "192.0.2.10/24");
+    let outside = spawn_in(
+        &link.server,
+        None,
+        &[ECHO_SERVER, "tcp", "192.0.2.10", "7101"],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.10:7101", &outside);
+    assert_eq!(bind("192.0.2.10", 7101, Some(&cgroup)), Err(EADDRINUSE));
+    assert_eq!(
+        tcp_request(&link.client, "192.0.2.10", 7101, PING.as_bytes())
+            .map(|b| b == PING.as_bytes()),
+        Ok(true),
+        "the outside service must still get its connections"
+    );
+    // A local address binds natively (no parking) for a client too: bind, then connect.
+    assert_eq!(bind("192.0.2.10", 0, Some(&cgroup)), Ok(()));
+}
