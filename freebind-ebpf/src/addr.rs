@@ -1,6 +1,6 @@
 //! Addresses as the bind hooks see them, classified once for both families.
 use aya_ebpf::btf_maps::lpm_trie::Key;
-use freebind_common::{LocalAddrKey, AF_INET, AF_INET6};
+use freebind_common::{parking, LocalAddrKey, AF_INET, AF_INET6};
 
 use crate::maps::{ALLOW_V4, ALLOW_V6, LOCAL_ADDRS};
 
@@ -104,6 +104,16 @@ impl Addr {
     pub fn same(&self, other: &Addr) -> bool {
         let (a, b) = (self.ip6_words(), other.ip6_words());
         self.is_v4 == other.is_v4 && a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+    }
+
+    /// Is this one of steer mode's parking addresses?
+    #[inline(always)]
+    pub fn is_parking(&self) -> bool {
+        if self.is_v4 {
+            parking::is_v4(&self.bytes)
+        } else {
+            parking::is_v6(&self.bytes)
+        }
     }
 
     /// The key of this address in the maps keyed per network namespace.

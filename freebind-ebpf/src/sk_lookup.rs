@@ -3,7 +3,7 @@
 //! parked for it, and refuses traffic to parking addresses: a parked service must not be
 //! reachable through 127.254.x.y or the IPv6 parking prefix.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use freebind_common::{parking, SteerKey, AF_INET};
+use freebind_common::{SteerKey, AF_INET};
 
 use crate::{addr::Addr, maps::STEER_SOCKS};
 
@@ -33,12 +33,7 @@ pub fn fb_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         Addr::v6(ip6)
     };
-    let parking_dst = if dst.is_v4 {
-        parking::is_v4(&dst.bytes)
-    } else {
-        parking::is_v6(&dst.bytes)
-    };
-    if parking_dst {
+    if dst.is_parking() {
         // The lookup fails as if nothing listened: RST for TCP, port unreachable for UDP.
         return SK_DROP;
     }

@@ -57,6 +57,11 @@ pub fn steered(sk: *mut c_void) -> Option<&'static mut SockState> {
 /// on listen or sendto) is not treated as parked.
 #[inline(always)]
 pub fn parked(sk: *mut c_void, bound: &Addr) -> Option<(&'static mut SockState, Addr)> {
+    // The range test first: it spares the storage lookup for every socket not parked
+    // (these hooks see all of the cgroup's getsockname, sendmsg and listen calls).
+    if !bound.is_parking() {
+        return None;
+    }
     let state = steered(sk)?;
     let intended = Addr {
         bytes: state.intended,

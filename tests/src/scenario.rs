@@ -1,9 +1,10 @@
 //! Steps the scenarios share: is a socket listening, can a process bind, does a service
 //! answer across an address's removal and return.
-use std::time::Duration;
+use std::{fs, path::PathBuf, time::Duration};
 
 use crate::{
-    add_addr, add_addr6, del_addr, run_in, spawn_in, wait_until, Agent, Cgroup, Link, Netns, Proc,
+    add_addr, add_addr6, del_addr, run_in, spawn_in, unique_name, wait_until, Agent, Cgroup, Link,
+    Netns, Proc,
 };
 
 /// Generous bound for a service to answer after its address appears (not a timing check).
@@ -12,11 +13,18 @@ pub const SETTLE: Duration = Duration::from_secs(20);
 /// Whether `ss` in `ns` shows a socket of `proto` ("tcp"/"udp") bound to `addr_port`
 /// ("192.0.2.10:8080" or "[2001:db8::10]:8080").
 pub fn listening(ns: &Netns, proto: &str, addr_port: &str) -> bool {
-    let flag = if proto == "tcp" { "-Htln" } else { "-Huln" };
-    let out = ns.try_exec(&["ss", flag]);
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .any(|w| w == addr_port)
+    local_sockets(ns, proto).iter().any(|s| s == addr_port)
+}
+
+/// Panics with `server`'s log when it has exited; `when` says what it should have done.
+fn still_running(server: &Proc, when: &str) {
+    if let Some(status) = server.try_wait() {
+        panic!(
+            "{} exited ({status}){when}; log:\n{}",
+            server.name(),
+            server.log()
+        );
+    }
 }
 
 /// Waits until `server` has bound `addr_port`; panics with its log if it died first.
@@ -25,13 +33,7 @@ pub fn wait_listening(ns: &Netns, proto: &str, addr_port: &str, server: &Proc) {
         &format!("{} listening on {addr_port}/{proto}", server.name()),
         SETTLE,
         || {
-            if let Some(status) = server.try_wait() {
-                panic!(
-                    "{} exited ({status}) before binding; log:\n{}",
-                    server.name(),
-                    server.log()
-                );
-            }
+            still_running(server, " before binding");
             listening(ns, proto, addr_port)
         },
     );
@@ -54,6 +56,51 @@ pub fn python_http_server(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, port:
     );
     wait_listening(ns, "tcp", &addr_port(addr, port), &server);
     server
+}
+
+/// An nginx configuration in a directory of its own (removed on drop): no daemon, one
+/// worker, errors to stderr, answering `nginx ok` on every `listen` address given.
+pub struct NginxConf {
+    dir: PathBuf,
+    prefix: String,
+    conf: String,
+}
+
+impl NginxConf {
+    /// Writes the configuration for `listens` (`ADDR:PORT`, IPv6 in brackets).
+    pub fn new(listens: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique_name("fb-nginx"));
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        let conf = dir.join("nginx.conf");
+        let listen: String = listens.iter().map(|l| format!("listen {l}; ")).collect();
+        fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\n\
+                 events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+                 server {{ {listen}location / {{ return 200 \"nginx ok\\n\"; }} }}\n}}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        Self {
+            prefix: format!("{}/", dir.display()),
+            conf: conf.to_string_lossy().into_owned(),
+            dir,
+        }
+    }
+
+    /// The command line that runs nginx with this configuration.
+    pub fn argv(&self) -> [&str; 5] {
+        ["nginx", "-p", &self.prefix, "-c", &self.conf]
+    }
+}
+
+impl Drop for NginxConf {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// `addr` and `port` written as `ss` and the agent's log write them: `"192.0.2.10:8080"`,
@@ -116,13 +163,7 @@ pub fn wait_parked(ns: &Netns, proto: &str, port: u16, count: usize, server: &Pr
         ),
         SETTLE,
         || {
-            if let Some(status) = server.try_wait() {
-                panic!(
-                    "{} exited ({status}) before binding; log:\n{}",
-                    server.name(),
-                    server.log()
-                );
-            }
+            still_running(server, " before binding");
             found = parked_sockets(ns, proto, port);
             found.len() >= count
         },
@@ -270,13 +311,7 @@ pub fn serves_across_address_flap(
             &format!("{} answering {expect:?} {phase}", server.name()),
             SETTLE,
             || {
-                if let Some(status) = server.try_wait() {
-                    panic!(
-                        "{} exited ({status}); log:\n{}",
-                        server.name(),
-                        server.log()
-                    );
-                }
+                still_running(server, "");
                 matches!(probe(), Ok(body) if body.contains(expect))
             },
         )

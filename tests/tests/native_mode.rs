@@ -1,15 +1,15 @@
 //! Native mode end to end: real servers started in the managed cgroup before their address
 //! exists, real traffic from a client namespace across address add / remove / re-add.
-use std::{fs, time::Duration};
+use std::time::Duration;
 
 use freebind_e2e::{
     add_addr6, addr6_tentative, bpf_programs_attached, ensure_tools, http_get, require_root,
     run_in,
     scenario::{
-        python_http_server, serves_across_address_flap, try_bind, wait_listening, EADDRNOTAVAIL,
-        SETTLE,
+        python_http_server, serves_across_address_flap, try_bind, wait_listening, NginxConf,
+        EADDRNOTAVAIL, SETTLE,
     },
-    spawn_in, tcp_request, udp_request, unique_name, wait_until, Agent, Cgroup, Link,
+    spawn_in, tcp_request, udp_request, wait_until, Agent, Cgroup, Link,
 };
 
 const TOKIO_SERVER: &str = env!("CARGO_BIN_EXE_freebind-tokio-server");
@@ -67,27 +67,8 @@ fn nginx_started_before_its_address_exists_serves_across_remove_and_readd() {
         return;
     }
     let (link, cgroup, _agent) = managed(&[]);
-    let dir = std::env::temp_dir().join(unique_name("fb-nginx"));
-    fs::create_dir_all(dir.join("logs")).unwrap();
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\n\
-             events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
-             server {{ listen 192.0.2.10:8081; listen [2001:db8::10]:8081; location / {{ return 200 \"nginx ok\\n\"; }} }}\n}}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let conf_s = conf.to_string_lossy().into_owned();
-    let prefix = format!("{}/", dir.display());
-    let server = spawn_in(
-        &link.server,
-        Some(&cgroup),
-        &["nginx", "-p", &prefix, "-c", &conf_s],
-    );
+    let nginx = NginxConf::new(&["192.0.2.10:8081", "[2001:db8::10]:8081"]);
+    let server = spawn_in(&link.server, Some(&cgroup), &nginx.argv());
     wait_listening(&link.server, "tcp", "192.0.2.10:8081", &server);
     wait_listening(&link.server, "tcp", "[2001:db8::10]:8081", &server);
     serves_across_address_flap(&link, "192.0.2.10/24", &server, "nginx ok", || {
@@ -97,7 +78,6 @@ fn nginx_started_before_its_address_exists_serves_across_remove_and_readd() {
         http_get(&link.client, "2001:db8::10", 8081, "/").map(|(_, body)| body)
     });
     drop(server);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -12,11 +12,10 @@ use freebind_e2e::{
     agent_command, ensure_tools, require_root, run_in,
     scenario::{
         add_server_addr, addr_port, bind_decision, parked_sockets, serves_across_address_flap,
-        try_bind, wait_bind_decision, wait_listening, wait_parked, EADDRINUSE, EADDRNOTAVAIL,
-        PARKING_V4_PREFIX, PARKING_V6_PREFIX, SETTLE,
+        try_bind, wait_bind_decision, wait_listening, wait_parked, NginxConf, EADDRINUSE,
+        EADDRNOTAVAIL, PARKING_V4_PREFIX, PARKING_V6_PREFIX, SETTLE,
     },
-    spawn_in, tcp_request, udp_request, unique_name, wait_for_log, wait_until, Agent, Cgroup, Link,
-    Netns, Proc,
+    spawn_in, tcp_request, udp_request, wait_for_log, wait_until, Agent, Cgroup, Link, Netns, Proc,
 };
 
 const ECHO_SERVER: &str = env!("CARGO_BIN_EXE_freebind-echo-server");
@@ -911,35 +910,6 @@ fn readme_with_table(readme: &str, table: &str) -> String {
 }
 
 /// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// An nginx configuration in a fresh directory, listening on `listen`.
-fn nginx_conf(listen: &str) -> (TempDir, String, String) {
-    let dir = std::env::temp_dir().join(unique_name("fb-nginx"));
-    fs::create_dir_all(dir.join("logs")).unwrap();
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\n\
-             events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
-             server {{ listen {listen}; location / {{ return 200 \"nginx ok\\n\"; }} }}\n}}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let prefix = format!("{}/", dir.display());
-    let conf = conf.to_string_lossy().into_owned();
-    (TempDir(dir), prefix, conf)
-}
-
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -957,7 +927,7 @@ fn the_readme_table_of_program_modes_is_what_the_agent_logs() {
     let cgroup = Cgroup::new("fb-steer");
     let agent = Agent::run(&ns, &cgroup, &[]);
     let port = 8080;
-    let (_nginx_dir, nginx_prefix, nginx_conf) = nginx_conf("192.0.2.101:8080");
+    let nginx = NginxConf::new(&["192.0.2.101:8080"]);
     let socat_tcp = format!("TCP-LISTEN:{port},bind=192.0.2.104,fork");
     let socat_tcp_reuse = format!("TCP-LISTEN:{port},bind=192.0.2.105,reuseaddr,fork");
     let socat_udp = format!("UDP-RECVFROM:{port},bind=192.0.2.106,fork");
@@ -970,7 +940,7 @@ fn the_readme_table_of_program_modes_is_what_the_agent_logs() {
             REUSEADDR_THEN_BIND,
             "tcp",
             "192.0.2.101",
-            vec!["nginx", "-p", &nginx_prefix, "-c", &nginx_conf],
+            nginx.argv().to_vec(),
         ),
         (
             "python3 `-m http.server`",

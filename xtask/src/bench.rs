@@ -23,7 +23,6 @@
 //! runs of the same server on these 2-CPU machines; pinned, ±1%).
 use std::{
     fs,
-    net::IpAddr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -260,38 +259,18 @@ fn prefix_len(family: &str) -> u8 {
     }
 }
 
-/// Where the agent parks steered sockets (DESIGN.md §2): 127.0.0.0/8, and an address of
-/// this /64 it puts on `lo`.
-fn is_parking(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_loopback(),
-        IpAddr::V6(a) => a.segments()[..4] == [0xfd66, 0x7265, 0x6562, 0x696e],
-    }
-}
-
-fn addr_port(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    }
-}
-
 /// The local address `ss` shows for a socket of `proto` parked on `port` in `ns` (one of
 /// the parking addresses, of IPv6 when `v6`), if any.
 fn parked_on(ns: &Netns, proto: &str, port: u16, v6: bool) -> Option<String> {
-    let flag = if proto == "tcp" { "-Htln" } else { "-Huln" };
-    let out = ns.try_exec(&["ss", flag]);
     let suffix = format!(":{port}");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|w| w.strip_suffix(&suffix))
-        .find(|ip| {
-            ip.trim_matches(['[', ']'])
-                .parse()
-                .is_ok_and(|ip: IpAddr| ip.is_ipv6() == v6 && is_parking(&ip))
+    scenario::parked_sockets(ns, proto, port)
+        .into_iter()
+        .find(|s| s.starts_with('[') == v6)
+        .map(|s| {
+            s.trim_end_matches(&suffix)
+                .trim_matches(['[', ']'])
+                .to_owned()
         })
-        .map(|ip| ip.trim_matches(['[', ']']).to_owned())
 }
 
 /// Starts `freebind-echo-server proto addr STEER_PORT` (socket() + bind(), no setsockopt)
@@ -312,7 +291,7 @@ fn echo_server(
     );
     wait_for_log(
         &server,
-        &format!("listening on {}", addr_port(addr, STEER_PORT)),
+        &format!("listening on {}", scenario::addr_port(addr, STEER_PORT)),
         scenario::SETTLE,
     );
     pin(server.pid(), cpu)?;
@@ -417,7 +396,7 @@ fn wait_answers(link: &Link, proto: &str, addr: &str) -> Result<()> {
         ensure!(
             start.elapsed() < scenario::SETTLE,
             "{proto} {} does not answer after {:?}: {last}",
-            addr_port(addr, STEER_PORT),
+            scenario::addr_port(addr, STEER_PORT),
             scenario::SETTLE
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -480,7 +459,11 @@ fn steer(
                 cpu,
             )?);
             ensure!(
-                scenario::listening(&link.server, proto, &addr_port(baseline, STEER_PORT)),
+                scenario::listening(
+                    &link.server,
+                    proto,
+                    &scenario::addr_port(baseline, STEER_PORT)
+                ),
                 "the {proto} server bound to {baseline} (present) is not bound to it natively"
             );
             parking.push(((family, proto), parked));
