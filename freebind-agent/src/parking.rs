@@ -50,10 +50,10 @@ pub fn is_parking(addr: &IpAddr) -> bool {
     }
 }
 
-/// The IPv6 pool on `lo` of one namespace; what this agent added is removed on drop.
+/// The IPv6 pool on `lo` of one namespace, shared by every agent serving it; the last one
+/// to stop removes it.
 pub struct V6Pool {
     netns: Arc<Netns>,
-    added: Vec<Ipv6Addr>,
 }
 
 /// What [`check_lo`] found.
@@ -96,14 +96,10 @@ fn lo_up_ioctl() -> Result<bool> {
 
 impl V6Pool {
     /// Assigns the pool on `lo`; `None` when the namespace refuses IPv6 addresses there.
-    /// An address already there is shared, not taken over: another agent serving the
-    /// namespace put it there. A failure halfway removes what was added.
+    /// An address already there (another agent serving the namespace) is shared. A failure
+    /// halfway undoes the assignment, as a stop does.
     pub fn assign(netns: Arc<Netns>) -> Result<Option<Self>> {
-        let mut pool = Self {
-            netns,
-            added: Vec::new(),
-        };
-        let added = &mut pool.added;
+        let pool = Self { netns };
         pool.netns
             .run(|| {
                 let lo = lo_index()?;
@@ -112,10 +108,7 @@ impl V6Pool {
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                         // IPv6 disabled on lo after we looked.
                         Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Ok(false),
-                        r => {
-                            r.with_context(|| format!("adding parking address {addr} to lo"))?;
-                            added.push(addr);
-                        }
+                        r => r.with_context(|| format!("adding parking address {addr} to lo"))?,
                     }
                 }
                 Ok(true)
@@ -126,8 +119,11 @@ impl V6Pool {
 }
 
 impl Drop for V6Pool {
-    /// Removes what this agent added, unless another sk_lookup program (another agent's)
-    /// still serves the namespace and may have parked sockets there.
+    /// Removes the pool unless another sk_lookup program (another agent's) still serves the
+    /// namespace and may have parked sockets there. The caller detaches its own sk_lookup
+    /// program first, so of two agents stopping together the second to look always sees
+    /// none left and removes the pool: whoever added the addresses, the last one out
+    /// removes them.
     fn drop(&mut self) {
         match kernel::sk_lookup_programs(self.netns.as_fd()) {
             Ok(0) => {}
@@ -140,10 +136,9 @@ impl Drop for V6Pool {
             }
             Err(e) => log::debug!("querying sk_lookup programs in {}: {e}", self.netns.label()),
         }
-        let added = &self.added;
         let result = self.netns.run(|| {
             let lo = lo_index()?;
-            for &addr in added {
+            for addr in v6_pool() {
                 match request(RTM_DELADDR, 0, lo, addr) {
                     Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
                     r => r.with_context(|| format!("removing parking address {addr} from lo"))?,

@@ -840,6 +840,35 @@ fn the_agent_removes_its_ipv6_parking_addresses_when_it_stops() {
     );
 }
 
+#[test]
+fn two_agents_in_one_namespace_share_the_ipv6_parking_addresses_and_the_last_removes_them() {
+    if !require_root() {
+        return;
+    }
+    let (link, _cgroup, first) = managed(&[]);
+    let other_cgroup = Cgroup::new("fb-steer");
+    let second = Agent::run(&link.server, &other_cgroup, &[]);
+    let server = python_udp_echo(&link, &other_cgroup, "2001:db8::10", 7701);
+    wait_parked(&link.server, "udp", 7701, 1, &server);
+
+    // The first agent added the pool; the second shares it and has a socket parked there.
+    assert!(first.stop().success(), "{}", first.log());
+    assert_eq!(
+        v6_parking_on_lo(&link.server).len(),
+        32,
+        "the pool must stay while another agent serves the namespace; first agent's log:\n{}",
+        first.log()
+    );
+
+    assert!(second.stop().success(), "{}", second.log());
+    assert_eq!(
+        v6_parking_on_lo(&link.server),
+        Vec::<String>::new(),
+        "the last agent to stop leaves no parking address; its log:\n{}",
+        second.log()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The README's table of which program takes which mode, measured.
 
