@@ -4,7 +4,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,9 +17,11 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use crate::{
     addrwatch::{ifname, AddrChange, AddrWatch, Transition},
     cgroup::cgroup_id,
-    loader::{Attachment, Logger},
+    loader::{Attachment, Logger, MapPins, Maps},
     locality::{LocalMap, Locality},
     netns::Netns,
+    paths::StateDirs,
+    pin,
     policy::Policy,
     report,
     steer::{SteerMaps, Steering},
@@ -49,6 +51,10 @@ pub struct Agent {
     // An Option so that Drop can detach the cgroup programs before it stops serving the
     // namespaces (sk_lookup links, parking addresses): nothing may park with no steering.
     attachment: Option<Attachment>,
+    /// Set for the daemon: steering is pinned, and everything stays when the agent goes.
+    pins: Option<StateDirs>,
+    drain: tokio::time::Interval,
+    unserved: Vec<(u32, u64)>,
     served: Vec<Served>,
     local_addrs: LocalMap,
     served_netns: AyaHashMap<MapData, u64, u8>,
@@ -69,7 +75,33 @@ impl Agent {
     /// dump of their addresses, steering), then attaches: a bind is never judged against an
     /// empty map nor parked where nothing steers.
     pub fn start(cgroup: &Path, policy: &Policy, extra: Vec<Netns>) -> Result<Self> {
-        let (mut attachment, maps) = Attachment::load(policy)?;
+        let (attachment, maps) = Attachment::load(policy, MapPins::Private)?;
+        let mut agent = Self::new(attachment, maps, None)?;
+        agent.serve(Netns::current()?)?;
+        for ns in extra {
+            agent.serve(ns)?;
+        }
+        let attachment = agent.attachment.as_mut().expect("loaded above");
+        attachment.attach(cgroup)?;
+        let id = cgroup_id(cgroup)?;
+        log::info!(
+            "attached to cgroup {} (id {id}); may bind while not local: {policy}",
+            cgroup.display()
+        );
+        Ok(agent)
+    }
+
+    /// The daemon's agent over the installation's pinned shared maps, serving its own
+    /// namespace. It attaches nothing itself: pinned attachments share its maps. Whatever
+    /// it serves stays pinned when it is dropped.
+    pub fn pinned(dirs: &StateDirs) -> Result<Self> {
+        let (attachment, maps) = pin_shared_maps(dirs)?;
+        let mut agent = Self::new(attachment, maps, Some(dirs.clone()))?;
+        agent.serve(Netns::current()?)?;
+        Ok(agent)
+    }
+
+    fn new(mut attachment: Attachment, maps: Maps, pins: Option<StateDirs>) -> Result<Self> {
         let logger = attachment
             .take_logger()
             // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
@@ -81,8 +113,11 @@ impl Agent {
             .map_err(|e| e.into_parts().1)
             .context("registering the event ring buffer")?;
         let (changes_tx, changes) = mpsc::unbounded_channel();
-        let mut agent = Self {
-            attachment: None,
+        let mut drain = tokio::time::interval(EVENT_DRAIN_PERIOD);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self {
+            attachment: Some(attachment),
+            pins,
             served: Vec::new(),
             local_addrs: maps.local_addrs,
             served_netns: maps.served_netns,
@@ -95,33 +130,43 @@ impl Agent {
             logger,
             changes_tx,
             changes,
-        };
-        agent.serve(Netns::current()?)?;
-        for ns in extra {
-            agent.serve(ns)?;
-        }
-        attachment.attach(cgroup)?;
-        agent.attachment = Some(attachment);
-        let id = cgroup_id(cgroup)?;
-        log::info!(
-            "attached to cgroup {} (id {id}); may bind while not local: {policy}",
-            cgroup.display()
-        );
-        Ok(agent)
+            drain,
+            unserved: Vec::new(),
+        })
+    }
+
+    fn steer_pin(&self, netns: &Netns) -> Option<PathBuf> {
+        self.pins
+            .as_ref()
+            .map(|d| d.netns_dir().join(netns.ino().to_string()))
+    }
+
+    /// Is the namespace with this inode served?
+    pub fn serves(&self, ino: u64) -> bool {
+        self.served.iter().any(|s| s.netns.ino() == ino)
+    }
+
+    /// Inodes of the namespaces served, the agent's own first.
+    pub fn served_inos(&self) -> Vec<u64> {
+        self.served.iter().map(|s| s.netns.ino()).collect()
+    }
+
+    /// Binds seen from namespaces nobody serves, as (pid, cgroup id), since the last call:
+    /// the daemon looks for the namespaces of attached processes there.
+    pub fn take_unserved(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.unserved)
     }
 
     /// Starts serving a network namespace: its address watch, its steering, its locality.
-    fn serve(&mut self, netns: Netns) -> Result<()> {
-        if self
-            .served
-            .iter()
-            .any(|s| s.netns.cookie() == netns.cookie())
-        {
-            return Ok(());
+    /// Returns false when it was served already.
+    pub fn serve(&mut self, netns: Netns) -> Result<bool> {
+        if self.served.iter().any(|s| s.netns.ino() == netns.ino()) {
+            return Ok(false);
         }
         let netns = Arc::new(netns);
         let mut watch = AddrWatch::open(&netns)?;
-        let steering = Steering::start(&netns, &mut self.steer_maps)?;
+        let pin = self.steer_pin(&netns);
+        let steering = Steering::start(&netns, &mut self.steer_maps, pin.as_deref())?;
         let mut locality = Locality::new(netns.cookie());
         locality.resync(&mut self.local_addrs, &AddrWatch::dump(&netns)?)?;
         let flags = served_flags::SERVED
@@ -154,38 +199,83 @@ impl Agent {
             steering: Some(steering),
             watch,
         });
+        // Parked UDP sockets from before (a daemon restart) enter the new steering map.
+        self.udp_pending.insert(cookie);
+        Ok(true)
+    }
+
+    /// Stops serving the namespace with inode `ino` for good (its processes are gone): its
+    /// locality, its steering and their pins go.
+    pub fn stop_serving(&mut self, ino: u64) {
+        let Some(i) = self.served.iter().position(|s| s.netns.ino() == ino) else {
+            return;
+        };
+        let mut s = self.served.remove(i);
+        let pin = self.steer_pin(&s.netns);
+        self.teardown(&mut s, pin.as_deref());
+        log::info!(
+            "no longer serving {}: no attached process lives there",
+            s.netns.label()
+        );
+    }
+
+    fn teardown(&mut self, s: &mut Served, pin: Option<&Path>) {
+        s.watch.abort();
+        s.locality.clear(&mut self.local_addrs);
+        let _ = self.served_netns.remove(&s.netns.cookie());
+        if let Some(steering) = s.steering.take() {
+            steering.stop(&s.netns, &mut self.steer_maps, pin);
+        }
+    }
+
+    /// Makes the drop tear everything down (after `detach --all`): steering, parking
+    /// addresses and locality of every served namespace.
+    pub fn unpin_on_drop(&mut self) {
+        let Some(dirs) = self.pins.take() else {
+            return;
+        };
+        for mut s in std::mem::take(&mut self.served) {
+            let pin = dirs.netns_dir().join(s.netns.ino().to_string());
+            self.teardown(&mut s, Some(&pin));
+        }
+    }
+
+    /// Waits for one piece of work (events, address changes, the eBPF log) and does it.
+    /// Cancel-safe: what is awaited is only ever a readiness or a channel receive.
+    pub async fn step(&mut self) -> Result<()> {
+        let logger_ready = async {
+            match &self.logger {
+                Some(l) => l.readable().await.map(|mut g| g.clear_ready()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.drain.tick() => self.drain_events(),
+            // Only steered UDP binds wake the agent (see sock.rs).
+            ready = self.events.readable() => {
+                ready.context("waiting on the event ring buffer")?.clear_ready();
+                self.drain_events();
+            }
+            Some((cookie, changes)) = self.changes.recv() => self.on_addr_changes(cookie, changes?)?,
+            _ = logger_ready => {
+                if let Some(l) = self.logger.as_mut() {
+                    l.get_mut().flush();
+                }
+            }
+        }
         Ok(())
     }
 
     /// Serves until `stop` completes and returns its output.
     pub async fn serve_until<F: Future>(&mut self, stop: F) -> Result<F::Output> {
         tokio::pin!(stop);
-        let mut drain = tokio::time::interval(EVENT_DRAIN_PERIOD);
-        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let logger_ready = async {
-                match &self.logger {
-                    Some(l) => l.readable().await.map(|mut g| g.clear_ready()),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 out = &mut stop => {
                     self.drain_events();
                     return Ok(out);
                 }
-                _ = drain.tick() => self.drain_events(),
-                // Only steered UDP binds wake the agent (see sock.rs).
-                ready = self.events.readable() => {
-                    ready.context("waiting on the event ring buffer")?.clear_ready();
-                    self.drain_events();
-                }
-                Some((cookie, changes)) = self.changes.recv() => self.on_addr_changes(cookie, changes?)?,
-                _ = logger_ready => {
-                    if let Some(l) = self.logger.as_mut() {
-                        l.get_mut().flush();
-                    }
-                }
+                r = self.step() => r?,
             }
         }
     }
@@ -206,6 +296,7 @@ impl Agent {
                 Some(Verdict::Steered) if ev.protocol == freebind_common::IPPROTO_UDP => {
                     udp_parked_in.push(ev.netns_cookie)
                 }
+                Some(Verdict::OtherNetns) => self.unserved.push((ev.pid, ev.cgroup_id)),
                 _ => {}
             }
         }
@@ -327,15 +418,47 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         drop(self.attachment.take());
-        for mut s in self.served.drain(..) {
-            s.watch.abort();
-            s.locality.clear(&mut self.local_addrs);
-            let _ = self.served_netns.remove(&s.netns.cookie());
-            if let Some(steering) = s.steering.take() {
-                steering.stop(&s.netns, &mut self.steer_maps);
+        let pinned = self.pins.is_some();
+        for mut s in std::mem::take(&mut self.served) {
+            if pinned {
+                // The next daemon adopts it all; binds are judged meanwhile on the
+                // addresses last seen.
+                s.watch.abort();
+                if let Some(steering) = s.steering.take() {
+                    steering.leave();
+                }
+            } else {
+                self.teardown(&mut s, None);
             }
         }
     }
+}
+
+/// Loads the object over the installation's shared maps: pinned at once when missing
+/// (atomically), checked when found. The load's own cgroup programs are never attached.
+pub fn pin_shared_maps(dirs: &StateDirs) -> Result<(Attachment, Maps)> {
+    let shared = dirs.shared_maps();
+    let any = Policy::parse::<&str>(&[])?;
+    let load = |dir: &Path| {
+        Attachment::load(
+            &any,
+            MapPins::Pinned {
+                shared: dir,
+                policy: None,
+            },
+        )
+    };
+    if shared.exists() {
+        pin::check_shared_maps(&shared)?;
+        return load(&shared);
+    }
+    let mut loaded = None;
+    pin::create_dir_atomically(&shared, |tmp| {
+        loaded = Some(load(tmp)?);
+        Ok(())
+    })
+    .with_context(|| format!("pinning the shared maps in {}", shared.display()))?;
+    Ok(loaded.expect("filled by the closure"))
 }
 
 /// " in network namespace NAME" for every namespace but the agent's own (the first).

@@ -1,16 +1,27 @@
 //! The agent's verbs, each a short sequence over the library: check what can be checked
 //! before anything changes, then act.
-use std::{ffi::OsString, path::Path};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     agent::Agent,
     cgroup::{Cgroup2, TransientCgroup},
+    config::{check_unit_name, Config, Selector},
+    control::{self, Request},
+    daemon::{ConfigSource, Daemon},
     exec, kernel,
+    manager::{Manager, Origin},
     netns::Netns,
+    paths::StateDirs,
+    pin::StateLock,
+    pinned,
     policy::Policy,
+    selector::CgroupGlob,
 };
 
 /// Everything that must hold before the agent touches the kernel. Runs before any thread
@@ -18,6 +29,7 @@ use crate::{
 fn prepare(allow: &[String]) -> Result<(Policy, Cgroup2)> {
     let policy = Policy::parse(allow)?;
     kernel::check_privileges()?;
+    kernel::enter_host_cgroup_namespace();
     let cg = Cgroup2::locate_or_mount()?;
     kernel::raise_memlock();
     kernel::check_features()?;
@@ -100,5 +112,162 @@ pub fn exec(cmd: &[OsString], allow: &[String], netns: Option<&str>) -> Result<i
         drop(agent);
         drop(transient);
         Ok(code)
+    })
+}
+
+/// Where the pinned state lives and how systemd is reached (global options).
+pub struct StateOptions {
+    pub dirs: StateDirs,
+    pub systemd_socket: PathBuf,
+}
+
+/// What `attach`/`detach` point at.
+pub enum Target {
+    Unit(String),
+    /// A cgroup path or glob, relative to the cgroup2 mount or absolute below it.
+    Cgroup(PathBuf),
+    /// A process: its cgroup, and its network namespace served.
+    Pid(u32),
+}
+
+/// `daemon [--config PATH]`: the system-wide agent until SIGTERM/SIGINT.
+pub fn daemon(opts: &StateOptions, config: Option<&Path>) -> Result<()> {
+    let (_, cg) = prepare(&[] as &[String])?;
+    // An invalid config is refused before anything changes.
+    let source = ConfigSource::new(config);
+    if source.explicit || source.path.exists() {
+        Config::load(&source.path)?;
+    }
+    runtime()?.block_on(async {
+        let lock = StateLock::acquire(&opts.dirs)?;
+        let manager = Manager::open(&opts.dirs, cg, &opts.systemd_socket, lock)?;
+        Daemon::start(manager, source).await?.run().await
+    })
+}
+
+/// `attach TARGET [--allow PREFIX]...`: sent to the running daemon, or done here (pinned,
+/// recorded) when none runs. Returns the line to print.
+pub fn attach(opts: &StateOptions, target: &Target, allow: &[String]) -> Result<String> {
+    Policy::parse(allow)?;
+    let (selector, pid) = selector_of(target)?;
+    change(
+        opts,
+        Request::Attach {
+            selector,
+            allow: allow.to_vec(),
+            pid,
+        },
+    )
+}
+
+/// `detach TARGET` or `detach --all`.
+pub fn detach(opts: &StateOptions, target: Option<&Target>) -> Result<String> {
+    let req = match target {
+        Some(t) => Request::Detach {
+            selector: selector_of(t)?.0,
+        },
+        None => Request::DetachAll,
+    };
+    change(opts, req)
+}
+
+/// `hook --key KEY`: a unit's `ExecStartPre=`, attaching what systemd did not to the
+/// cgroup this process runs in (the unit's).
+pub fn hook(opts: &StateOptions, key: &str) -> Result<()> {
+    let cg = Cgroup2::locate_or_mount()?;
+    let mut own = cg.own_cgroup()?;
+    // With Delegate=, systemd runs ExecStartPre= in a `.control` child of the unit's cgroup.
+    if own.file_name().is_some_and(|n| n == ".control") {
+        own.pop();
+    }
+    let n = pinned::start_hook(&opts.dirs, key, &own)?;
+    if n > 0 {
+        eprintln!("freebind: attached {n} program(s) to {}", own.display());
+    }
+    Ok(())
+}
+
+fn selector_of(target: &Target) -> Result<(Selector, Option<u32>)> {
+    Ok(match target {
+        Target::Unit(name) => {
+            check_unit_name(name)?;
+            (Selector::Unit(name.clone()), None)
+        }
+        Target::Cgroup(path) => (Selector::Cgroup(relative_glob(path)?), None),
+        Target::Pid(pid) => {
+            let file = format!("/proc/{pid}/cgroup");
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow!("process {pid}: {e} (reading {file})"))?;
+            let rel = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .ok_or_else(|| anyhow!("process {pid} is in no cgroup v2 ({file})"))?;
+            let glob = CgroupGlob::parse(rel.trim()).with_context(|| {
+                format!("process {pid} is in the root cgroup: attach a cgroup of its own")
+            })?;
+            (Selector::Cgroup(glob), Some(*pid))
+        }
+    })
+}
+
+/// A cgroup argument as a glob relative to the cgroup2 mount.
+fn relative_glob(path: &Path) -> Result<CgroupGlob> {
+    let rel = if path.is_absolute() {
+        let cg = Cgroup2::locate_or_mount()?;
+        path.strip_prefix(cg.mount())
+            .map_err(|_| {
+                anyhow!(
+                    "cgroup {} is not below the cgroup v2 mount {}",
+                    path.display(),
+                    cg.mount().display()
+                )
+            })?
+            .to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
+    CgroupGlob::parse(&rel.to_string_lossy())
+}
+
+/// Sends `req` to the daemon, or does it here under the state lock when none runs.
+fn change(opts: &StateOptions, req: Request) -> Result<String> {
+    if let Some(reply) = control::send(&opts.dirs.control_socket(), &req)? {
+        return reply;
+    }
+    let (_, cg) = prepare(&[] as &[String])?;
+    let lock = match StateLock::try_acquire(&opts.dirs)? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "a freebind daemon{} holds {} but does not answer on {}",
+            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            opts.dirs.lock_file().display(),
+            opts.dirs.control_socket().display()
+        ),
+    };
+    runtime()?.block_on(async {
+        let mut manager = Manager::open(&opts.dirs, cg, &opts.systemd_socket, lock)?;
+        let out = match req {
+            Request::Attach {
+                selector,
+                allow,
+                pid,
+            } => {
+                let m = manager.attach(selector, allow, Origin::Cli, pid).await?;
+                log::warn!(
+                    "no freebind daemon is running: the attachment is pinned, but addresses \
+                     are watched only while `freebind-agent daemon` runs (until then binds in \
+                     namespaces no daemon served are left to the kernel)"
+                );
+                m
+            }
+            Request::Detach { selector } => manager.detach(&selector.key()).await?,
+            Request::DetachAll => {
+                let out = manager.detach_all().await?;
+                // The parking addresses the last daemon left in its own namespace.
+                crate::parking::V6Pool::release(std::sync::Arc::new(Netns::current()?));
+                out
+            }
+        };
+        Ok(out)
     })
 }

@@ -44,6 +44,30 @@ pub fn check_privileges() -> Result<()> {
     Ok(())
 }
 
+/// In a container (a DaemonSet pod) the agent sees cgroup paths relative to its own cgroup
+/// namespace (`/../../kubepods…` for the host's processes), which name nothing on the
+/// host's cgroup2 mount. With the host's pids visible, it joins PID 1's cgroup namespace
+/// (best effort: where that fails it is already there, or cannot be, and says so later).
+pub fn enter_host_cgroup_namespace() {
+    let own = fs::read_link("/proc/self/ns/cgroup").ok();
+    let init = fs::read_link("/proc/1/ns/cgroup").ok();
+    if own.is_none() || init.is_none() || own == init {
+        return;
+    }
+    let Ok(f) = fs::File::open("/proc/1/ns/cgroup") else {
+        return;
+    };
+    // SAFETY: setns on a namespace fd we hold.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWCGROUP) } == 0 {
+        log::debug!("joined PID 1's cgroup namespace");
+    } else {
+        log::debug!(
+            "joining PID 1's cgroup namespace: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it (best effort).
 pub fn raise_memlock() {
     let rlim = libc::rlimit {
@@ -377,6 +401,13 @@ fn create_map(
 /// How many sk_lookup programs are attached to the network namespace `netns`
 /// (BPF_PROG_QUERY).
 pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(attached_programs(netns, ATTACH_SK_LOOKUP)?.len() as u32)
+}
+
+/// The ids of the programs attached to `target` (a cgroup or network namespace directory
+/// fd) for `attach_type`, in the order they run: links and BPF_PROG_ATTACH alike, whoever
+/// attached them (BPF_PROG_QUERY, Linux 4.15).
+pub fn attached_programs(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
     const BPF_PROG_QUERY: libc::c_long = 16;
     #[repr(C)]
     #[derive(Default)]
@@ -389,9 +420,13 @@ pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<u32> {
         prog_cnt: u32,
         _pad: u32,
     }
+    // 64 is the kernel's own limit of programs per cgroup and attach type.
+    let mut ids = vec![0u32; 64];
     let mut attr = QueryAttr {
-        target_fd: netns.as_raw_fd() as u32,
-        attach_type: ATTACH_SK_LOOKUP,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
         ..Default::default()
     };
     // The kernel writes the count back into the attribute.
@@ -402,7 +437,200 @@ pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<u32> {
         mem::size_of::<QueryAttr>(),
     )?;
     // SAFETY: `p` points to `attr`, alive and written by the kernel.
-    Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*p).prog_cnt)) })
+    let n = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*p).prog_cnt)) };
+    ids.truncate(n as usize);
+    Ok(ids)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+/// Attaches `prog` to the cgroup `cgroup` the way systemd's `BPFProgram=` does:
+/// BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI, which holds no file descriptor, so the program
+/// stays until the cgroup is removed or [`prog_detach`] takes it off.
+pub fn prog_attach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_F_ALLOW_MULTI: u32 = 2;
+    let attr = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        ..Default::default()
+    };
+    bpf(
+        BPF_PROG_ATTACH,
+        (&attr as *const ProgAttachAttr).cast(),
+        mem::size_of::<ProgAttachAttr>(),
+    )
+    .map(drop)
+}
+
+/// Takes off `prog` where BPF_PROG_ATTACH put it (not a link: links go when their last
+/// reference, a pin or a descriptor, does).
+pub fn prog_detach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    const BPF_PROG_DETACH: libc::c_long = 9;
+    let attr = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(
+        BPF_PROG_DETACH,
+        (&attr as *const ProgAttachAttr).cast(),
+        mem::size_of::<ProgAttachAttr>(),
+    )
+    .map(drop)
+}
+
+/// Opens a pinned object (BPF_OBJ_GET): a program, map or link.
+pub fn obj_get(path: &std::path::Path) -> Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&attr as *const ObjAttr).cast(),
+        mem::size_of::<ObjAttr>(),
+    )
+    .with_context(|| format!("opening pinned {}", path.display()))?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins a program, map or link at `path` on bpffs (BPF_OBJ_PIN).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(
+        BPF_OBJ_PIN,
+        (&attr as *const ObjAttr).cast(),
+        mem::size_of::<ObjAttr>(),
+    )
+    .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(())
+}
+
+/// Attaches `prog` to the cgroup through a BPF link (BPF_LINK_CREATE, Linux 5.7): links are
+/// always multi-attach, and the program stays attached as long as the link has a reference
+/// (a descriptor or a pin).
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 4],
+    }
+    let attr = LinkAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(
+        BPF_LINK_CREATE,
+        (&attr as *const LinkAttr).cast(),
+        mem::size_of::<LinkAttr>(),
+    )?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What the kernel says of a link: its program, and the cgroup id or network namespace
+/// inode it is attached to (0 once that is gone: the link is then defunct).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkTarget {
+    pub prog_id: u32,
+    pub cgroup_id: u64,
+    pub netns_ino: u32,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a link (Linux 5.8); aya 0.14 exposes only the program id.
+pub fn link_target(link: BorrowedFd<'_>) -> io::Result<LinkTarget> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const LINK_TYPE_CGROUP: u32 = 3;
+    const LINK_TYPE_NETNS: u32 = 5;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8 bytes whose
+    // cgroup member starts with the u64 cgroup_id and whose netns member with the u32 inode.
+    let mut info = [0u64; 8];
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&attr as *const InfoAttr).cast(),
+        mem::size_of::<InfoAttr>(),
+    )?;
+    // SAFETY: the kernel wrote up to 64 bytes into `info` behind the pointer it was given.
+    let info = unsafe { std::ptr::read_volatile(&info) };
+    let link_type = info[0] as u32;
+    let prog_id = (info[1] & 0xffff_ffff) as u32;
+    Ok(LinkTarget {
+        prog_id,
+        cgroup_id: if link_type == LINK_TYPE_CGROUP {
+            info[2]
+        } else {
+            0
+        },
+        netns_ino: if link_type == LINK_TYPE_NETNS {
+            (info[2] & 0xffff_ffff) as u32
+        } else {
+            0
+        },
+    })
 }
 
 /// The cookie of the network namespace `fd` lives in (`SO_NETNS_COOKIE`, Linux 5.14); the

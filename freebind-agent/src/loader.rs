@@ -1,6 +1,12 @@
 //! Loading the eBPF object and attaching its programs: the cgroup programs once per
 //! attachment, the sk_lookup program once per served network namespace.
-use std::{fs::File, io::Read as _, net::IpAddr, path::Path};
+use std::{
+    fs::File,
+    io::Read as _,
+    net::IpAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -9,20 +15,63 @@ use aya::{
         RingBuf,
     },
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId,
-        sock_ops::SockOpsLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Iter, SkLookup,
-        SockOps,
+        cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId, links::FdLink,
+        sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId, CgroupAttachMode, CgroupSockAddr,
+        CgroupSockopt, Iter, SkLookup, SockOps,
     },
     util::KernelVersion,
     Btf, Ebpf, EbpfLoader,
 };
 use freebind_common::{maps, programs, LocalAddrKey};
 
-use crate::{netns::Netns, policy::Policy};
+use crate::{kernel, netns::Netns, policy::Policy};
 
 /// The object `cargo xtask build-ebpf` produced, embedded by build.rs (empty when the
 /// agent was built without it).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/freebind.bpf.o"));
+
+/// An attachment's policy: the prefixes its programs let bind while not local.
+pub struct AllowMaps {
+    pub v4: LpmTrie<MapData, [u8; 4], u8>,
+    pub v6: LpmTrie<MapData, [u8; 16], u8>,
+}
+
+impl AllowMaps {
+    /// Makes the tries hold exactly `policy`: new prefixes first, then the old ones go, so
+    /// a change never refuses, even for a moment, what both the old and new policy allow.
+    pub fn set(&mut self, policy: &Policy) -> Result<()> {
+        let want = policy.effective();
+        for prefix in &want {
+            let len = u32::from(prefix.len);
+            match prefix.addr {
+                IpAddr::V4(a) => self.v4.insert(&Key::new(len, a.octets()), 1, 0),
+                IpAddr::V6(a) => self.v6.insert(&Key::new(len, a.octets()), 1, 0),
+            }
+            .with_context(|| format!("loading policy prefix {prefix}"))?;
+        }
+        let wanted = |addr: IpAddr, len: u32| {
+            want.iter()
+                .any(|p| p.addr == addr && u32::from(p.len) == len)
+        };
+        let old4: Vec<Key<[u8; 4]>> = self.v4.keys().filter_map(|k| k.ok()).collect();
+        for k in old4 {
+            if !wanted(IpAddr::from(k.data()), k.prefix_len()) {
+                self.v4
+                    .remove(&k)
+                    .context("removing an IPv4 policy prefix")?;
+            }
+        }
+        let old6: Vec<Key<[u8; 16]>> = self.v6.keys().filter_map(|k| k.ok()).collect();
+        for k in old6 {
+            if !wanted(IpAddr::from(k.data()), k.prefix_len()) {
+                self.v6
+                    .remove(&k)
+                    .context("removing an IPv6 policy prefix")?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Reader of the eBPF side's aya-log records.
 pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -53,14 +102,71 @@ pub struct Attachment {
     links: Vec<CgroupLink>,
 }
 
+/// Where a load's maps come from.
+#[derive(Debug, Clone, Copy)]
+pub enum MapPins<'a> {
+    /// Maps of its own, gone with the load (`run`, `exec`).
+    Private,
+    /// The installation's shared maps pinned in `shared` (opened, or created and pinned
+    /// there), and this load's policy maps pinned in `policy` when given.
+    Pinned {
+        shared: &'a Path,
+        policy: Option<&'a Path>,
+    },
+}
+
 /// `AYA_LOG_LEVEL` for a load: the eBPF side's aya-log statements cost microseconds each;
 /// the level global skips them in the kernel unless the agent itself logs at that level.
-fn loader() -> EbpfLoader<'static> {
+fn loader(pins: MapPins<'_>) -> EbpfLoader<'static> {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     let level = LEVEL.get_or_init(|| log::max_level() as u8);
     let mut l = EbpfLoader::new();
     l.override_global(aya_log::LEVEL, level, false);
+    if let MapPins::Pinned { shared, policy } = pins {
+        for name in crate::pin::SHARED_MAPS {
+            l.map_pin_path(name, shared.join(name));
+        }
+        if let Some(dir) = policy {
+            for name in [maps::ALLOW_V4, maps::ALLOW_V6] {
+                l.map_pin_path(name, dir.join(name));
+            }
+        }
+    }
     l
+}
+
+/// The ELF section (libbpf's name for the hook) of each cgroup program.
+pub fn section(name: &str) -> Option<&'static str> {
+    Some(match name {
+        programs::SETSOCKOPT => "cgroup/setsockopt",
+        programs::BIND4 => "cgroup/bind4",
+        programs::BIND6 => "cgroup/bind6",
+        programs::SENDMSG4 => "cgroup/sendmsg4",
+        programs::SENDMSG6 => "cgroup/sendmsg6",
+        programs::GETSOCKNAME4 => "cgroup/getsockname4",
+        programs::GETSOCKNAME6 => "cgroup/getsockname6",
+        programs::CONNECT4 => "cgroup/connect4",
+        programs::CONNECT6 => "cgroup/connect6",
+        programs::SOCK_OPS => "sockops",
+        _ => return None,
+    })
+}
+
+/// The kernel's attach type (`enum bpf_attach_type`) of each cgroup program.
+pub fn attach_type(name: &str) -> Option<u32> {
+    Some(match name {
+        programs::SETSOCKOPT => 22,
+        programs::BIND4 => 8,
+        programs::BIND6 => 9,
+        programs::SENDMSG4 => 14,
+        programs::SENDMSG6 => 15,
+        programs::GETSOCKNAME4 => 31,
+        programs::GETSOCKNAME6 => 32,
+        programs::CONNECT4 => 10,
+        programs::CONNECT6 => 11,
+        programs::SOCK_OPS => 3,
+        _ => return None,
+    })
 }
 
 fn check_object() -> Result<()> {
@@ -73,9 +179,9 @@ fn check_object() -> Result<()> {
 impl Attachment {
     /// Loads the object, verifies every cgroup program and the UDP iterator, and fills the
     /// policy; attaches nothing.
-    pub fn load(policy: &Policy) -> Result<(Self, Maps)> {
+    pub fn load(policy: &Policy, pins: MapPins<'_>) -> Result<(Self, Maps)> {
         check_object()?;
-        let mut ebpf = loader()
+        let mut ebpf = loader(pins)
             .load(OBJECT)
             .context("loading freebind's eBPF object (maps and BTF)")?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -110,16 +216,11 @@ impl Attachment {
             served_netns: take_map(&mut ebpf, maps::SERVED_NETNS)?,
             steer_maps: take_map(&mut ebpf, maps::STEER_MAPS)?,
         };
-        let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::ALLOW_V4)?;
-        let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::ALLOW_V6)?;
-        for prefix in policy.effective() {
-            let len = u32::from(prefix.len);
-            match prefix.addr {
-                IpAddr::V4(a) => v4.insert(&Key::new(len, a.octets()), 1, 0),
-                IpAddr::V6(a) => v6.insert(&Key::new(len, a.octets()), 1, 0),
-            }
-            .with_context(|| format!("loading policy prefix {prefix}"))?;
-        }
+        let mut allow = AllowMaps {
+            v4: take_map(&mut ebpf, maps::ALLOW_V4)?,
+            v6: take_map(&mut ebpf, maps::ALLOW_V6)?,
+        };
+        allow.set(policy)?;
         // The tries live on in the kernel while the programs reference them.
         Ok((
             Self {
@@ -180,6 +281,17 @@ impl Attachment {
         Ok(())
     }
 
+    /// Pins a loaded program at `path` (systemd's `BPFProgram=` and the start hook attach
+    /// it from there).
+    pub fn pin_program(&mut self, name: &str, path: &Path) -> Result<()> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+        prog.pin(path)
+            .with_context(|| format!("pinning {name} at {}", path.display()))
+    }
+
     /// The aya-log reader, for the eBPF side's debug lines.
     pub fn take_logger(&mut self) -> Option<Logger> {
         self.logger.take()
@@ -225,9 +337,11 @@ impl Drop for Attachment {
 
 /// The sk_lookup program of one network namespace: a separate load of the object, because
 /// an sk_lookup program cannot learn which namespace it runs in (no bpf_get_netns_cookie
-/// there), so each namespace's copy reads its own `STEER_SOCKS`. Dropping it detaches.
+/// there), so each namespace's copy reads its own `STEER_SOCKS`. Dropping it detaches,
+/// unless it is pinned.
 pub struct SteerLookup {
-    _ebpf: Ebpf,
+    _ebpf: Option<Ebpf>,
+    _link: Option<OwnedFd>,
     socks: MapData,
 }
 
@@ -243,13 +357,77 @@ const SK_LOOKUP_SHRUNK: &[(&str, u32)] = &[
     (maps::ALLOW_V6, 1),
 ];
 
+/// Pin names in a namespace's pin directory.
+const PIN_LINK: &str = "link";
+
 impl SteerLookup {
     /// Loads the sk_lookup program and attaches it to `netns`.
     pub fn attach(netns: &Netns) -> Result<Self> {
+        let (ebpf, id, socks) = Self::load_and_attach(netns)?;
+        let _ = id;
+        Ok(Self {
+            _ebpf: Some(ebpf),
+            _link: None,
+            socks,
+        })
+    }
+
+    /// The same, pinned in `dir` so that it outlives the agent; a program already pinned
+    /// there for this namespace is adopted instead (after a restart of the daemon).
+    pub fn attach_pinned(netns: &Netns, dir: &Path) -> Result<Self> {
+        if dir.exists() {
+            match Self::adopt(netns, dir) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    log::info!(
+                        "replacing the pinned sk_lookup program of {}: {e:#}",
+                        netns.label()
+                    );
+                    crate::pin::remove_tree(dir);
+                }
+            }
+        }
+        let (mut ebpf, id, socks) = Self::load_and_attach(netns)?;
+        crate::pin::create_dir_atomically(dir, |tmp| {
+            let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+            let link: FdLink = prog.take_link(id)?.into();
+            link.pin(tmp.join(PIN_LINK))
+                .context("pinning the sk_lookup link")?;
+            socks
+                .pin(tmp.join(maps::STEER_SOCKS))
+                .context("pinning the steering map")?;
+            Ok(())
+        })?;
+        drop(ebpf);
+        Self::adopt(netns, dir)
+    }
+
+    fn adopt(netns: &Netns, dir: &Path) -> Result<Self> {
+        let link = kernel::obj_get(&dir.join(PIN_LINK))?;
+        let target = kernel::link_target(link.as_fd())
+            .context("reading the pinned sk_lookup link (BPF_OBJ_GET_INFO_BY_FD, Linux 5.8)")?;
+        if u64::from(target.netns_ino) != netns.ino() {
+            bail!(
+                "{} is attached to network namespace inode {}, not {}",
+                dir.display(),
+                target.netns_ino,
+                netns.ino()
+            );
+        }
+        let socks = MapData::from_pin(dir.join(maps::STEER_SOCKS))
+            .with_context(|| format!("opening {}", dir.join(maps::STEER_SOCKS).display()))?;
+        Ok(Self {
+            _ebpf: None,
+            _link: Some(link),
+            socks,
+        })
+    }
+
+    fn load_and_attach(netns: &Netns) -> Result<(Ebpf, SkLookupLinkId, MapData)> {
         check_object()?;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
-        let mut l = loader();
+        let mut l = loader(MapPins::Private);
         for &(name, n) in SK_LOOKUP_SHRUNK {
             l.map_max_entries(name, n);
         }
@@ -261,13 +439,14 @@ impl SteerLookup {
         let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
         prog.load()
             .with_context(|| format!("verifying {} (sk_lookup, Linux 5.9)", programs::SK_LOOKUP))?;
-        prog.attach(netns)
+        let id = prog
+            .attach(netns)
             .with_context(|| format!("attaching {} to {}", programs::SK_LOOKUP, netns.label()))?;
         let socks = match ebpf.take_map(maps::STEER_SOCKS) {
             Some(Map::SockHash(m)) => m,
             _ => bail!("the eBPF object has no SOCKHASH {}", maps::STEER_SOCKS),
         };
-        Ok(Self { _ebpf: ebpf, socks })
+        Ok((ebpf, id, socks))
     }
 
     /// The namespace's steering map, for `STEER_MAPS`.

@@ -83,6 +83,20 @@ impl Locality {
             let _ = map.remove(&key(self.netns_cookie, addr));
             out.push((addr, Transition::NoLongerLocal));
         }
+        if self.set.addrs().next().is_none() {
+            // First sight of this namespace: entries an earlier agent left in a pinned map
+            // (it was killed while an address went away) must not stay local.
+            let wanted: Vec<LocalAddrKey> =
+                fresh.addrs().map(|a| key(self.netns_cookie, *a)).collect();
+            let stale: Vec<LocalAddrKey> = map
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.netns_cookie == self.netns_cookie && !wanted.contains(k))
+                .collect();
+            for k in stale {
+                let _ = map.remove(&k);
+            }
+        }
         for addr in came {
             map.insert(key(self.netns_cookie, addr), 1, 0)
                 .with_context(|| format!("adding {addr} to the locality map"))?;

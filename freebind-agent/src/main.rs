@@ -1,6 +1,10 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use freebind_agent::{
+    commands::{self, StateOptions, Target},
+    paths, systemd,
+};
 
 /// Gives every socket of a cgroup's processes IP_FREEBIND semantics, so services can bind
 /// addresses that are not (yet) configured.
@@ -10,6 +14,15 @@ struct Cli {
     /// More detail in the logs (-v: debug, -vv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Where pinned programs, maps and links live (on bpffs; mounted when missing).
+    #[arg(long, global = true, env = "FREEBIND_PIN_DIR", value_name = "DIR", default_value = paths::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where the state lock, the daemon's control socket and attachment records live.
+    #[arg(long, global = true, env = "FREEBIND_RUN_DIR", value_name = "DIR", default_value = paths::DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// systemd's private D-Bus socket, to resolve and configure units.
+    #[arg(long, global = true, env = "FREEBIND_SYSTEMD_SOCKET", value_name = "PATH", default_value = systemd::DEFAULT_SYSTEMD_SOCKET)]
+    systemd_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +43,34 @@ enum Command {
         #[arg(long = "netns", value_name = "NETNS")]
         netns: Vec<String>,
     },
+    /// The system-wide agent: attaches what its config and `attach` ask for, pinned so that
+    /// it outlives the daemon, and watches addresses in every network namespace attached
+    /// processes live in. SIGHUP reloads the config; SIGTERM exits leaving it all attached.
+    Daemon {
+        /// The TOML config (`[[attach]]` tables); a missing default file means none.
+        #[arg(long, env = "FREEBIND_CONFIG", value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Attach to a unit, cgroup or process, pinned: enforcement outlives this command. Sent
+    /// to the running daemon; done here when none runs.
+    Attach {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Detach what `attach` (or the config) attached; `--all` removes everything pinned.
+    Detach {
+        #[command(flatten)]
+        target: DetachArgs,
+    },
+    /// Run by a unit's ExecStartPre= (written by `attach --unit`): attaches the pinned
+    /// programs to the unit's fresh cgroup where systemd did not.
+    #[command(hide = true)]
+    Hook {
+        #[arg(long, value_name = "KEY")]
+        key: String,
+    },
     /// Run CMD in a transient cgroup under freebind; exit with CMD's status.
     Exec {
         #[command(flatten)]
@@ -42,6 +83,42 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct TargetArgs {
+    /// A systemd unit: its cgroup at every start (a runtime drop-in with BPFProgram=).
+    #[arg(long, value_name = "NAME")]
+    unit: Option<String>,
+    /// A cgroup, relative to the cgroup v2 mount or absolute below it; a glob follows the
+    /// cgroups that match as they come and go.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// A process (a container's): its cgroup, and its network namespace served.
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct DetachArgs {
+    #[arg(long, value_name = "NAME")]
+    unit: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// Everything this installation pinned, and its records and drop-ins.
+    #[arg(long)]
+    all: bool,
+}
+
+fn target(unit: &Option<String>, cgroup: &Option<PathBuf>, pid: Option<u32>) -> Option<Target> {
+    unit.clone()
+        .map(Target::Unit)
+        .or_else(|| cgroup.clone().map(Target::Cgroup))
+        .or_else(|| pid.map(Target::Pid))
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,14 +148,35 @@ fn main() -> ExitCode {
     }
     logger.parse_env("FREEBIND_LOG").format_target(false).init();
 
+    let state = StateOptions {
+        dirs: paths::StateDirs::new(&cli.pin_dir, &cli.run_dir),
+        systemd_socket: cli.systemd_socket.clone(),
+    };
+    let print = |r: anyhow::Result<String>| {
+        r.map(|line| {
+            println!("{line}");
+            0
+        })
+    };
     let result = match &cli.command {
+        Command::Daemon { config } => commands::daemon(&state, config.as_deref()).map(|()| 0),
+        Command::Attach { target: t, policy } => print(commands::attach(
+            &state,
+            &target(&t.unit, &t.cgroup, t.pid).expect("clap requires one"),
+            &policy.allow,
+        )),
+        Command::Detach { target: t } => print(commands::detach(
+            &state,
+            target(&t.unit, &t.cgroup, t.pid).as_ref(),
+        )),
+        Command::Hook { key } => commands::hook(&state, key).map(|()| 0),
         Command::Run {
             cgroup,
             policy,
             netns,
-        } => freebind_agent::commands::run(cgroup, &policy.allow, netns).map(|()| 0),
+        } => commands::run(cgroup, &policy.allow, netns).map(|()| 0),
         Command::Exec { policy, netns, cmd } => {
-            freebind_agent::commands::exec(cmd, &policy.allow, netns.as_deref())
+            commands::exec(cmd, &policy.allow, netns.as_deref())
         }
     };
     match result {

@@ -4,6 +4,7 @@ use std::{
     fs::File,
     io,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -19,6 +20,7 @@ const IP_NETNS_DIR: &str = "/run/netns";
 pub struct Netns {
     file: File,
     cookie: u64,
+    ino: u64,
     label: String,
 }
 
@@ -41,12 +43,22 @@ impl Netns {
         Self::open(&path, format!("network namespace {spec}"))
     }
 
+    /// The namespace of process `pid` (as seen in the agent's pid namespace).
+    pub fn of_pid(pid: u32, label: String) -> Result<Self> {
+        Self::open(Path::new(&format!("/proc/{pid}/ns/net")), label)
+    }
+
     fn open(path: &Path, label: String) -> Result<Self> {
         let file = File::open(path)
             .with_context(|| format!("opening network namespace {}", path.display()))?;
+        let ino = file
+            .metadata()
+            .with_context(|| format!("network namespace {}", path.display()))?
+            .ino();
         let mut ns = Self {
             file,
             cookie: 0,
+            ino,
             label,
         };
         ns.cookie = ns
@@ -70,6 +82,11 @@ impl Netns {
 
     pub fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// The namespace's inode (`ls -l /proc/PID/ns/net`; what links to it report).
+    pub fn ino(&self) -> u64 {
+        self.ino
     }
 
     /// How log lines name it: "the agent's network namespace", "network namespace NAME".

@@ -95,6 +95,12 @@ fn lo_up_ioctl() -> Result<bool> {
 }
 
 impl V6Pool {
+    /// Removes a pool an earlier agent left on `lo` (it exited leaving its pins), unless an
+    /// sk_lookup program still serves the namespace: `detach --all` with no daemon running.
+    pub fn release(netns: Arc<Netns>) {
+        drop(Self { netns });
+    }
+
     /// Assigns the pool on `lo`; `None` when the namespace refuses IPv6 addresses there.
     /// An address already there (another agent serving the namespace) is shared. A failure
     /// halfway undoes the assignment, as a stop does.

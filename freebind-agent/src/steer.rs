@@ -1,7 +1,7 @@
 //! Steer mode in one network namespace: the sk_lookup program that steers intended
 //! addresses to parked sockets, its `STEER_SOCKS` entered in `STEER_MAPS` for the cgroup
 //! programs, and the IPv6 parking addresses on `lo`.
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashOfMaps, MapData};
@@ -21,8 +21,14 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// Everything a parked socket in `netns` needs, in place before any bind can park.
-    pub fn start(netns: &Arc<Netns>, steer_maps: &mut SteerMaps) -> Result<Self> {
+    /// Everything a parked socket in `netns` needs, in place before any bind can park. With
+    /// `pin`, the sk_lookup program is pinned there (or adopted from there) so that it
+    /// outlives the agent.
+    pub fn start(
+        netns: &Arc<Netns>,
+        steer_maps: &mut SteerMaps,
+        pin: Option<&Path>,
+    ) -> Result<Self> {
         let lo = parking::check_lo(netns)?;
         if !lo.up {
             log::warn!(
@@ -42,7 +48,10 @@ impl Steering {
                 netns.label()
             );
         }
-        let lookup = SteerLookup::attach(netns)?;
+        let lookup = match pin {
+            Some(dir) => SteerLookup::attach_pinned(netns, dir)?,
+            None => SteerLookup::attach(netns)?,
+        };
         steer_maps
             .insert(netns.cookie(), lookup.socks(), 0)
             .with_context(|| {
@@ -62,9 +71,19 @@ impl Steering {
         self._pool.is_some()
     }
 
-    /// Takes the namespace's entry out of `STEER_MAPS` (the agent no longer serves it).
-    pub fn stop(self, netns: &Netns, steer_maps: &mut SteerMaps) {
+    /// Takes the namespace's entry out of `STEER_MAPS` (the agent no longer serves it), and
+    /// its pins when it had some.
+    pub fn stop(self, netns: &Netns, steer_maps: &mut SteerMaps, pin: Option<&Path>) {
         let _ = steer_maps.remove(&netns.cookie());
         drop(self.lookup);
+        if let Some(dir) = pin {
+            crate::pin::remove_tree(dir);
+        }
+    }
+
+    /// Leaves everything in place for the next agent (the daemon exits, its pins stay): the
+    /// parking addresses included, which parked sockets still need.
+    pub fn leave(self) {
+        std::mem::forget(self._pool);
     }
 }

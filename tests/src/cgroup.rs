@@ -100,6 +100,17 @@ impl Cgroup {
         Cgroup { path, relative }
     }
 
+    /// A child cgroup `name` (a container's scope below a slice, say), with its own guard.
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
+        Cgroup {
+            path,
+            relative: format!("{}/{name}", self.relative),
+        }
+    }
+
     /// Absolute path of the cgroup directory (in the test's mount namespace).
     pub fn path(&self) -> &Path {
         &self.path

@@ -19,8 +19,10 @@
 mod agent;
 mod cgroup;
 mod client;
+mod daemon;
 mod netns;
 mod process;
+mod sandbox;
 pub mod scenario;
 mod tools;
 mod util;
@@ -28,10 +30,14 @@ mod util;
 pub use agent::{agent_command, agent_path, Agent, AGENT_ENV};
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use client::{http_get, tcp_request, udp_request, CLIENT_TIMEOUT};
+pub use daemon::{Daemon, Installation};
 pub use netns::{
     add_addr, add_addr6, add_dummy, add_route, addr6_tentative, del_addr, set_link_up, Link, Netns,
     VethPair,
 };
 pub use process::{run_in, run_in_timeout, spawn_in, wait_for_log, Proc};
-pub use tools::{bpf_programs_attached, ensure_tools, require_root, tool};
+pub use sandbox::{sandbox_root, Sandbox, SandboxBuilder, MIRROR_ENV, SANDBOX_ROOT};
+pub use tools::{
+    bpf_programs_attached, bpf_programs_attached_at, ensure_tools, require_root, tool,
+};
 pub use util::{unique_name, wait_until};

@@ -142,13 +142,18 @@ fn apt(args: &[&str]) {
 /// program carries BTF with its full function name. Programs attached with bpf links are
 /// included.
 pub fn bpf_programs_attached(cgroup: &Cgroup) -> Vec<(String, String)> {
+    bpf_programs_attached_at(cgroup.path())
+}
+
+/// [`bpf_programs_attached`] for any cgroup directory (one a systemd made, say).
+pub fn bpf_programs_attached_at(cgroup: &std::path::Path) -> Vec<(String, String)> {
     let out = check_output(
         Command::new(tool("bpftool"))
             .args(["-j", "cgroup", "show"])
-            .arg(cgroup.path()),
+            .arg(cgroup),
     );
     parse_cgroup_show(&String::from_utf8_lossy(&out.stdout))
-        .unwrap_or_else(|e| panic!("bpftool cgroup show {}: {e}", cgroup.path().display()))
+        .unwrap_or_else(|e| panic!("bpftool cgroup show {}: {e}", cgroup.display()))
 }
 
 /// Parses `bpftool -j cgroup show`: a JSON array of objects, or nothing at all when no

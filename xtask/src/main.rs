@@ -6,6 +6,7 @@ mod bench;
 mod build_steps;
 mod cmd;
 mod demo;
+mod install;
 mod paths;
 mod setup;
 mod test;
@@ -40,6 +41,8 @@ enum Command {
     Test(test::Options),
     /// Build the agent and run the demo.
     Demo,
+    /// Build the agent and install it with its systemd unit and example configuration.
+    Install(install::Options),
     /// Build the agent and run the benchmarks.
     Bench {
         /// Arguments passed to the benchmark: --rounds N (default 7), --iterations N (binds,
@@ -75,6 +78,7 @@ fn dispatch() -> anyhow::Result<()> {
             build_steps::build(&paths)?;
             demo::run(&paths)
         }
+        Command::Install(options) => install::run(&paths, &options),
         Command::Bench { args } => {
             build_steps::build(&paths)?;
             bench::run(&paths, &args)

@@ -1,0 +1,371 @@
+//! The system-wide daemon: attachments from a config file and from `attach`, followed as
+//! cgroups come and go, and every network namespace their processes live in served. One
+//! tokio `select!` over signals, the control socket, cgroup watches, a rescan tick and the
+//! agent's own work; one shutdown path, which leaves everything pinned.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    agent::Agent,
+    config::{Config, DEFAULT_CONFIG},
+    control::{self, Request},
+    manager::{Manager, Origin},
+    netns::Netns,
+    systemd,
+};
+
+/// How often the daemon looks for new processes' namespaces and for cgroups that a watch
+/// could not report (deeper levels of a glob).
+const RESCAN_PERIOD: Duration = Duration::from_secs(1);
+
+/// A namespace in which no attached process has been seen for this long is no longer
+/// served (its pins go): a unit between two starts has no process for a moment.
+const NETNS_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the daemon's configuration comes from.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Given on the command line: its absence is an error, not an empty config.
+    pub explicit: bool,
+}
+
+impl ConfigSource {
+    pub fn new(path: Option<&Path>) -> Self {
+        match path {
+            Some(p) => Self {
+                path: p.to_path_buf(),
+                explicit: true,
+            },
+            None => Self {
+                path: PathBuf::from(DEFAULT_CONFIG),
+                explicit: false,
+            },
+        }
+    }
+
+    fn load(&self) -> Result<Config> {
+        if !self.explicit && !self.path.exists() {
+            return Ok(Config::default());
+        }
+        Config::load(&self.path)
+    }
+}
+
+pub struct Daemon {
+    manager: Manager,
+    agent: Agent,
+    config: ConfigSource,
+    /// When each served namespace (by inode) last had an attached process in it.
+    netns_seen: HashMap<u64, Instant>,
+    inotify: AsyncFd<OwnedFd>,
+    watches: BTreeMap<PathBuf, i32>,
+}
+
+impl Daemon {
+    /// Adopts the pinned state, serves, applies the config. An invalid config fails the
+    /// start; an attachment that cannot be made (a unit that does not exist) is logged and
+    /// retried at the next reload.
+    pub async fn start(manager: Manager, config: ConfigSource) -> Result<Self> {
+        let cfg = config.load()?;
+        let agent = Agent::pinned(&manager.dirs)?;
+        // SAFETY: plain syscall; the fd is owned at once.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).context("inotify_init1 (CONFIG_INOTIFY_USER)");
+        }
+        // SAFETY: just created, owned here.
+        // SAFETY: the descriptor is owned by the AsyncFd for as long as it is registered.
+        let inotify = unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd)) }
+            .map_err(|e| e.into_parts().1)
+            .context("registering the inotify descriptor")?;
+        let mut d = Self {
+            manager,
+            agent,
+            config,
+            netns_seen: HashMap::new(),
+            inotify,
+            watches: BTreeMap::new(),
+        };
+        if !d.config.explicit && !d.config.path.exists() {
+            log::info!(
+                "no config at {}: attachments come from `freebind-agent attach`",
+                d.config.path.display()
+            );
+        }
+        d.apply(cfg).await;
+        d.rescan();
+        Ok(d)
+    }
+
+    /// Serves until SIGTERM or SIGINT; the pins stay for the next daemon.
+    pub async fn run(mut self) -> Result<()> {
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let socket = self.manager.dirs.control_socket();
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("listening on {}", socket.display()))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", socket.display()))?;
+        let mut tick = tokio::time::interval(RESCAN_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let served = self.agent.served_inos().len();
+        log::info!(
+            "ready: {} attachment(s), serving {served} network namespace(s); control socket {}",
+            self.manager.entries().count(),
+            socket.display()
+        );
+        let _ = systemd::notify("READY=1\nSTATUS=serving");
+        let why = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                _ = sighup.recv() => self.reload().await,
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => {
+                        if self.serve_request(stream).await == Some(Request::DetachAll) {
+                            self.agent.unpin_on_drop();
+                            break "detach --all";
+                        }
+                    }
+                    Err(e) => log::warn!("accepting on {}: {e}", socket.display()),
+                },
+                ready = self.inotify.readable() => {
+                    ready.context("waiting on inotify")?.clear_ready();
+                    drain_inotify(&self.inotify);
+                    self.rescan();
+                }
+                _ = tick.tick() => self.rescan(),
+                r = self.agent.step() => {
+                    r?;
+                    if !self.agent.take_unserved().is_empty() {
+                        self.sync_netns();
+                    }
+                }
+            }
+        };
+        let _ = systemd::notify("STOPPING=1");
+        let _ = std::fs::remove_file(&socket);
+        if why == "detach --all" {
+            log::info!("detach --all: everything removed; exiting");
+        } else {
+            log::info!(
+                "{why}: exiting; the attachments stay pinned in {}",
+                self.manager.dirs.pin.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: a valid config replaces the config-made attachments (added, changed in
+    /// place, removed), leaving the others undisturbed; an invalid one changes nothing.
+    async fn reload(&mut self) {
+        let _ = systemd::notify_reloading();
+        match self.config.load() {
+            Ok(cfg) => {
+                log::info!("SIGHUP: reloading {}", self.config.path.display());
+                self.apply(cfg).await;
+                self.rescan();
+            }
+            Err(e) => log::error!("SIGHUP: config refused, nothing changed: {e:#}"),
+        }
+        let _ = systemd::notify("READY=1\nSTATUS=serving");
+    }
+
+    async fn apply(&mut self, cfg: Config) {
+        let old = Config {
+            attach: self.manager.config_specs(),
+        };
+        let diff = Config::diff(&old, &cfg);
+        for spec in &diff.removed {
+            match self.manager.detach(&spec.selector.key()).await {
+                Ok(m) => log::info!("config: {m}"),
+                Err(e) => log::error!("config: {e:#}"),
+            }
+        }
+        for spec in diff
+            .added
+            .iter()
+            .chain(diff.changed.iter().map(|(_, new)| new))
+        {
+            let r = self
+                .manager
+                .attach(
+                    spec.selector.clone(),
+                    spec.allow.clone(),
+                    Origin::Config,
+                    None,
+                )
+                .await;
+            match r {
+                Ok(m) => log::info!("config: {m}"),
+                Err(e) => log::error!(
+                    "config {} line {}: {} not attached: {e:#}",
+                    self.config.path.display(),
+                    spec.line,
+                    spec.selector
+                ),
+            }
+        }
+        // Attachments a previous daemon made from the config and this one kept.
+        for spec in &diff.unchanged {
+            if let Err(e) = self
+                .manager
+                .attach(
+                    spec.selector.clone(),
+                    spec.allow.clone(),
+                    Origin::Config,
+                    None,
+                )
+                .await
+            {
+                log::error!("config: {} : {e:#}", spec.selector);
+            }
+        }
+    }
+
+    /// Answers one request; returns it (the loop ends after `detach --all`: with
+    /// everything removed there is nothing left to keep, and the config would only
+    /// attach it again).
+    async fn serve_request(&mut self, stream: UnixStream) -> Option<Request> {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            BufReader::new(read).read_line(&mut line),
+        )
+        .await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            return None;
+        }
+        let req = Request::decode(&line);
+        let result = match &req {
+            Ok(req) => self.handle(req.clone()).await,
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        match &result {
+            Ok(m) => log::info!("control: {m}"),
+            Err(e) => log::warn!("control: {e:#}"),
+        }
+        let _ = write
+            .write_all(control::encode_reply(&result).as_bytes())
+            .await;
+        req.ok()
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<String> {
+        let r = match req {
+            Request::Attach {
+                selector,
+                allow,
+                pid,
+            } => self.manager.attach(selector, allow, Origin::Cli, pid).await,
+            Request::Detach { selector } => self.manager.detach(&selector.key()).await,
+            Request::DetachAll => self.manager.detach_all().await,
+        };
+        // Before replying: the namespaces of what was just attached are served.
+        self.rescan();
+        r
+    }
+
+    /// Follows cgroups (attach new matches, forget removed ones) and namespaces, and
+    /// re-aims the watches.
+    fn rescan(&mut self) {
+        self.manager.rescan();
+        self.sync_watches();
+        self.sync_netns();
+    }
+
+    fn sync_watches(&mut self) {
+        let want: BTreeSet<PathBuf> = self.manager.watch_dirs();
+        self.watches.retain(|dir, wd| {
+            let keep = want.contains(dir);
+            if !keep {
+                // SAFETY: plain syscall on our inotify fd.
+                unsafe { libc::inotify_rm_watch(self.inotify.get_ref().as_raw_fd(), *wd) };
+            }
+            keep
+        });
+        for dir in want {
+            if self.watches.contains_key(&dir) {
+                continue;
+            }
+            let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+                continue;
+            };
+            // SAFETY: plain syscall with a valid C string.
+            let wd = unsafe {
+                libc::inotify_add_watch(
+                    self.inotify.get_ref().as_raw_fd(),
+                    c.as_ptr(),
+                    libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_ONLYDIR,
+                )
+            };
+            if wd >= 0 {
+                self.watches.insert(dir, wd);
+            } else {
+                log::debug!("watching {}: {}", dir.display(), io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// Serves the namespace of every attached process; stops serving namespaces where none
+    /// has been for [`NETNS_GRACE`]. The daemon's own namespace is always served.
+    fn sync_netns(&mut self) {
+        let now = Instant::now();
+        let mut seen = BTreeMap::new();
+        for pid in self.manager.netns_pids() {
+            if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+                seen.entry(std::os::unix::fs::MetadataExt::ino(&meta))
+                    .or_insert(pid);
+            }
+        }
+        for (&ino, &pid) in &seen {
+            self.netns_seen.insert(ino, now);
+            if self.agent.serves(ino) {
+                continue;
+            }
+            let label = format!("network namespace net:[{ino}] (of pid {pid})");
+            match Netns::of_pid(pid, label).and_then(|ns| self.agent.serve(ns)) {
+                Ok(_) => {}
+                Err(e) => log::warn!("cannot serve the network namespace of pid {pid}: {e:#}"),
+            }
+        }
+        let own = self.agent.served_inos().first().copied();
+        for ino in self.agent.served_inos() {
+            if Some(ino) == own {
+                continue;
+            }
+            let last = *self.netns_seen.entry(ino).or_insert(now);
+            if now.duration_since(last) > NETNS_GRACE {
+                self.agent.stop_serving(ino);
+                self.netns_seen.remove(&ino);
+            }
+        }
+    }
+}
+
+fn drain_inotify(fd: &AsyncFd<OwnedFd>) {
+    let mut buf = [0u8; 4096];
+    // SAFETY: reads into our own buffer from our own non-blocking fd.
+    while unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+}
