@@ -135,3 +135,62 @@ fn a_unit_attached_by_name_binds_its_absent_address_at_each_of_100_restarts_unti
     assert!(!listening(&link.server, "tcp", "192.0.2.10:7000"));
     drop(daemon);
 }
+
+#[test]
+fn a_unit_named_in_the_config_is_attached_at_daemon_start_and_released_when_removed_on_sighup() {
+    if !require_root() {
+        return;
+    }
+    ensure_tools();
+    let link = Link::new();
+    let sandbox = Sandbox::builder("fb-sbx")
+        .bind_ro(agent_path())
+        .bind_ro(ECHO_SERVER)
+        .netns(&link.server)
+        .boot();
+    // Steer mode this time: no setsockopt() before bind().
+    sandbox.install_unit(
+        UNIT,
+        &format!("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart={ECHO_SERVER} tcp 192.0.2.20 7000\n"),
+    );
+    let config = std::env::temp_dir().join(format!("{}.toml", freebind_e2e::unique_name("fb-config")));
+    std::fs::write(
+        &config,
+        format!("[[attach]]\nunit = \"{UNIT}\"\nallow = [\"192.0.2.0/24\"]\n"),
+    )
+    .unwrap();
+    let host = Netns::new("fb-host");
+    let inst = Installation::new("fb-daemon");
+    let socket = sandbox.systemd_socket();
+    let daemon = Daemon::start(
+        &inst,
+        &host,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--systemd-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    let dropin = sandbox.host_path(&format!("/run/systemd/system/{UNIT}.d/50-freebind.conf"));
+    assert!(dropin.exists(), "{}", daemon.log());
+    sandbox.systemctl(&["start", UNIT]);
+    sandbox.systemctl(&["restart", UNIT]);
+    wait_until("the steered unit is parked", SETTLE, || {
+        !freebind_e2e::scenario::parked_sockets(&link.server, "tcp", 7000).is_empty()
+    });
+    assert_attached_once(&sandbox.unit_cgroup(UNIT));
+    add_addr(&link.server, &link.server_if, "192.0.2.20/24");
+    wait_until("the steered unit answers", SETTLE, || {
+        tcp_request(&link.client, "192.0.2.20", 7000, b"ping").is_ok_and(|r| r == b"ping")
+    });
+
+    std::fs::write(&config, "").unwrap();
+    daemon.proc().signal(libc::SIGHUP);
+    wait_until("the drop-in is removed on reload", SETTLE, || !dropin.exists());
+    let cgroup = sandbox.unit_cgroup(UNIT);
+    wait_until("the running unit is detached", SETTLE, || {
+        bpf_programs_attached_at(&cgroup).is_empty()
+    });
+    let _ = std::fs::remove_file(&config);
+}
