@@ -146,6 +146,55 @@ impl Agent {
         self.served.iter().any(|s| s.netns.ino() == ino)
     }
 
+    /// The inode of the agent's own namespace (served first, always).
+    pub fn own_ino(&self) -> u64 {
+        self.served.first().map_or(0, |s| s.netns.ino())
+    }
+
+    /// Forgets what an earlier daemon served that this one does not (namespaces gone, or
+    /// no longer attached): their `SERVED_NETNS`, `LOCAL_ADDRS` and `STEER_MAPS` entries
+    /// and their steering pins. Left alone they would be judged on frozen addresses.
+    pub fn sweep_unserved(&mut self) {
+        let ours: HashSet<u64> = self.served.iter().map(|s| s.netns.cookie()).collect();
+        let stale: Vec<u64> = self
+            .served_netns
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|c| !ours.contains(c))
+            .collect();
+        for cookie in &stale {
+            let _ = self.served_netns.remove(cookie);
+            let _ = self.steer_maps.remove(cookie);
+        }
+        let keys: Vec<freebind_common::LocalAddrKey> = self
+            .local_addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| stale.contains(&k.netns_cookie))
+            .collect();
+        for k in keys {
+            let _ = self.local_addrs.remove(&k);
+        }
+        if let Some(dirs) = &self.pins {
+            let inos: HashSet<String> = self
+                .served
+                .iter()
+                .map(|s| s.netns.ino().to_string())
+                .collect();
+            for (name, path) in pin::list_dir(&dirs.netns_dir()) {
+                if !inos.contains(&name) {
+                    pin::remove_tree(&path);
+                }
+            }
+        }
+        if !stale.is_empty() {
+            log::info!(
+                "forgot {} network namespace(s) an earlier daemon served and no attached process uses",
+                stale.len()
+            );
+        }
+    }
+
     /// Inodes of the namespaces served, the agent's own first.
     pub fn served_inos(&self) -> Vec<u64> {
         self.served.iter().map(|s| s.netns.ino()).collect()

@@ -180,6 +180,15 @@ pub fn hook(opts: &StateOptions, key: &str) -> Result<()> {
     if own.file_name().is_some_and(|n| n == ".control") {
         own.pop();
     }
+    // A drop-in left behind (its detach could not reach systemd) must not keep the unit
+    // from starting: say so in its journal and let it start.
+    if !opts.dirs.attachment(key).exists() {
+        eprintln!(
+            "freebind: attachment {key} is not pinned in {}: starting without it              (remove the drop-in with `freebind-agent detach`)",
+            opts.dirs.pin.display()
+        );
+        return Ok(());
+    }
     let n = pinned::start_hook(&opts.dirs, key, &own)?;
     if n > 0 {
         eprintln!("freebind: attached {n} program(s) to {}", own.display());
@@ -195,6 +204,8 @@ fn selector_of(target: &Target) -> Result<(Selector, Option<u32>)> {
         }
         Target::Cgroup(path) => (Selector::Cgroup(relative_glob(path)?), None),
         Target::Pid(pid) => {
+            // Read as the host names it, also from inside a container (a DaemonSet pod).
+            kernel::enter_host_cgroup_namespace();
             let file = format!("/proc/{pid}/cgroup");
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow!("process {pid}: {e} (reading {file})"))?;
@@ -202,9 +213,12 @@ fn selector_of(target: &Target) -> Result<(Selector, Option<u32>)> {
                 .lines()
                 .find_map(|l| l.strip_prefix("0::"))
                 .ok_or_else(|| anyhow!("process {pid} is in no cgroup v2 ({file})"))?;
-            let glob = CgroupGlob::parse(rel.trim()).with_context(|| {
-                format!("process {pid} is in the root cgroup: attach a cgroup of its own")
-            })?;
+            let rel = rel.trim();
+            if rel == "/" {
+                bail!("process {pid} is in the root cgroup: give it a cgroup of its own");
+            }
+            let glob =
+                CgroupGlob::parse(rel).with_context(|| format!("process {pid}'s cgroup {rel}"))?;
             (Selector::Cgroup(glob), Some(*pid))
         }
     })
@@ -229,20 +243,36 @@ fn relative_glob(path: &Path) -> Result<CgroupGlob> {
     CgroupGlob::parse(&rel.to_string_lossy())
 }
 
+/// How long `attach`/`detach` wait for the state lock when no daemon answers.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends `req` to the daemon, or does it here under the state lock when none runs.
 fn change(opts: &StateOptions, req: Request) -> Result<String> {
     if let Some(reply) = control::send(&opts.dirs.control_socket(), &req)? {
         return reply;
     }
     let (_, cg) = prepare(&[] as &[String])?;
-    let lock = match StateLock::try_acquire(&opts.dirs)? {
-        Ok(lock) => lock,
-        Err(holder) => bail!(
-            "a freebind daemon{} holds {} but does not answer on {}",
-            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-            opts.dirs.lock_file().display(),
-            opts.dirs.control_socket().display()
-        ),
+    // Another `attach`/`detach` may hold the lock for a moment, or a daemon that is
+    // starting (it listens once its config is applied): wait, asking it again.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let lock = loop {
+        match StateLock::try_acquire(&opts.dirs)? {
+            Ok(lock) => break lock,
+            Err(holder) => {
+                if let Some(reply) = control::send(&opts.dirs.control_socket(), &req)? {
+                    return reply;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "another freebind agent{} holds {} and does not answer on {}",
+                        holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                        opts.dirs.lock_file().display(),
+                        opts.dirs.control_socket().display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     };
     runtime()?.block_on(async {
         let mut manager = Manager::open(&opts.dirs, cg, &opts.systemd_socket, lock)?;

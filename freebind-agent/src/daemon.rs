@@ -73,6 +73,8 @@ pub struct Daemon {
     config: ConfigSource,
     /// When each served namespace (by inode) last had an attached process in it.
     netns_seen: HashMap<u64, Instant>,
+    /// When the namespaces a previous daemon served but this one does not are swept.
+    sweep_at: Option<Instant>,
     inotify: AsyncFd<OwnedFd>,
     watches: BTreeMap<PathBuf, i32>,
 }
@@ -99,6 +101,7 @@ impl Daemon {
             agent,
             config,
             netns_seen: HashMap::new(),
+            sweep_at: Some(Instant::now() + NETNS_GRACE),
             inotify,
             watches: BTreeMap::new(),
         };
@@ -109,7 +112,9 @@ impl Daemon {
             );
         }
         d.apply(cfg).await;
-        d.rescan();
+        // Adopted attachments learn again where they point (a unit's systemd and cgroup).
+        d.manager.attach_all_targets().await;
+        d.rescan().await;
         Ok(d)
     }
 
@@ -152,13 +157,21 @@ impl Daemon {
                 ready = self.inotify.readable() => {
                     ready.context("waiting on inotify")?.clear_ready();
                     drain_inotify(&self.inotify);
-                    self.rescan();
+                    self.rescan().await;
                 }
-                _ = tick.tick() => self.rescan(),
+                _ = tick.tick() => self.rescan().await,
                 r = self.agent.step() => {
                     r?;
-                    if !self.agent.take_unserved().is_empty() {
-                        self.sync_netns();
+                    // Binds from namespaces not served yet: the events come from this
+                    // installation's programs, so the process is an attached one.
+                    let pids: Vec<u32> = self
+                        .agent
+                        .take_unserved()
+                        .into_iter()
+                        .map(|(pid, _)| pid)
+                        .collect();
+                    if !pids.is_empty() {
+                        self.serve_netns_of(&pids);
                     }
                 }
             }
@@ -184,7 +197,7 @@ impl Daemon {
             Ok(cfg) => {
                 log::info!("SIGHUP: reloading {}", self.config.path.display());
                 self.apply(cfg).await;
-                self.rescan();
+                self.rescan().await;
             }
             Err(e) => log::error!("SIGHUP: config refused, nothing changed: {e:#}"),
         }
@@ -224,21 +237,6 @@ impl Daemon {
                     spec.line,
                     spec.selector
                 ),
-            }
-        }
-        // Attachments a previous daemon made from the config and this one kept.
-        for spec in &diff.unchanged {
-            if let Err(e) = self
-                .manager
-                .attach(
-                    spec.selector.clone(),
-                    spec.allow.clone(),
-                    Origin::Config,
-                    None,
-                )
-                .await
-            {
-                log::error!("config: {} : {e:#}", spec.selector);
             }
         }
     }
@@ -283,16 +281,25 @@ impl Daemon {
             Request::DetachAll => self.manager.detach_all().await,
         };
         // Before replying: the namespaces of what was just attached are served.
-        self.rescan();
+        self.rescan().await;
         r
     }
 
-    /// Follows cgroups (attach new matches, forget removed ones) and namespaces, and
-    /// re-aims the watches.
-    fn rescan(&mut self) {
-        self.manager.rescan();
+    /// Follows cgroups (attach new matches, forget removed ones, detach the attachments of
+    /// ended containers) and namespaces, and re-aims the watches.
+    async fn rescan(&mut self) {
+        for key in self.manager.rescan() {
+            match self.manager.detach(&key).await {
+                Ok(m) => log::info!("{m}: its process's cgroup is gone"),
+                Err(e) => log::warn!("{e:#}"),
+            }
+        }
         self.sync_watches();
         self.sync_netns();
+        if self.sweep_at.is_some_and(|t| Instant::now() >= t) {
+            self.sweep_at = None;
+            self.agent.sweep_unserved();
+        }
     }
 
     fn sync_watches(&mut self) {
@@ -323,7 +330,16 @@ impl Daemon {
             if wd >= 0 {
                 self.watches.insert(dir, wd);
             } else {
-                log::debug!("watching {}: {}", dir.display(), io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    log::warn!(
+                        "cannot watch {} (fs.inotify.max_user_watches reached): new cgroups \
+                         there are found by the 1 s rescan only",
+                        dir.display()
+                    );
+                } else {
+                    log::debug!("watching {}: {e}", dir.display());
+                }
             }
         }
     }
@@ -332,27 +348,13 @@ impl Daemon {
     /// has been for [`NETNS_GRACE`]. The daemon's own namespace is always served.
     fn sync_netns(&mut self) {
         let now = Instant::now();
-        let mut seen = BTreeMap::new();
-        for pid in self.manager.netns_pids() {
-            if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
-                seen.entry(std::os::unix::fs::MetadataExt::ino(&meta))
-                    .or_insert(pid);
-            }
-        }
-        for (&ino, &pid) in &seen {
+        let pids = self.manager.netns_pids();
+        for ino in self.serve_netns_of(&pids) {
             self.netns_seen.insert(ino, now);
-            if self.agent.serves(ino) {
-                continue;
-            }
-            let label = format!("network namespace net:[{ino}] (of pid {pid})");
-            match Netns::of_pid(pid, label).and_then(|ns| self.agent.serve(ns)) {
-                Ok(_) => {}
-                Err(e) => log::warn!("cannot serve the network namespace of pid {pid}: {e:#}"),
-            }
         }
-        let own = self.agent.served_inos().first().copied();
+        let own = self.agent.own_ino();
         for ino in self.agent.served_inos() {
-            if Some(ino) == own {
+            if ino == own {
                 continue;
             }
             let last = *self.netns_seen.entry(ino).or_insert(now);
@@ -361,6 +363,27 @@ impl Daemon {
                 self.netns_seen.remove(&ino);
             }
         }
+    }
+
+    /// Serves the namespaces of `pids` not served yet; returns the inodes of all of them.
+    fn serve_netns_of(&mut self, pids: &[u32]) -> BTreeSet<u64> {
+        let mut seen = BTreeMap::new();
+        for &pid in pids {
+            if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+                seen.entry(std::os::unix::fs::MetadataExt::ino(&meta))
+                    .or_insert(pid);
+            }
+        }
+        for (&ino, &pid) in &seen {
+            if self.agent.serves(ino) {
+                continue;
+            }
+            let label = format!("network namespace net:[{ino}] (of pid {pid})");
+            if let Err(e) = Netns::of_pid(pid, label).and_then(|ns| self.agent.serve(ns)) {
+                log::warn!("cannot serve the network namespace of pid {pid}: {e:#}");
+            }
+        }
+        seen.into_keys().collect()
     }
 }
 

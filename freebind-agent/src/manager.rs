@@ -50,6 +50,8 @@ pub struct Entry {
     pub cgroups: BTreeMap<u64, PathBuf>,
     /// For a unit: the pid of the systemd that manages it (its namespace is the unit's).
     pub manager_pid: Option<u32>,
+    /// For a unit: its cgroup's path, the same at every start (systemd recreates it).
+    pub unit_cgroup: Option<PathBuf>,
 }
 
 /// An attachment's record in `RUN/attach/KEY`, as TOML.
@@ -96,15 +98,21 @@ impl Manager {
             entries: BTreeMap::new(),
             _lock: lock,
         };
-        for (key, path) in pin::list_dir(&dirs.records()) {
-            match m.adopt(&key, &path) {
-                Ok(()) => {}
-                Err(e) => log::warn!("dropping attachment record {}: {e:#}", path.display()),
+        let records = pin::list_dir(&dirs.records());
+        for (key, path) in &records {
+            if let Err(e) = m.adopt(key, path) {
+                // Its pins stay attached: enforcement is never dropped for a record this
+                // agent cannot read (another build's, say).
+                log::warn!(
+                    "cannot adopt {}: {e:#} (its pins are left as they are)",
+                    path.display()
+                );
             }
         }
-        // Pins without a record: an agent died between pinning and recording.
+        // Pins without a record: an agent died between pinning and recording, or after
+        // removing a record to detach.
         for key in pinned::pinned_keys(dirs) {
-            if !m.entries.contains_key(&key) {
+            if !records.iter().any(|(k, _)| *k == key) {
                 log::info!("removing pinned attachment {key}: it has no record");
                 if let Ok(p) = PinnedAttachment::open(dirs, &key) {
                     p.remove(dirs);
@@ -150,6 +158,7 @@ impl Manager {
             pinned,
             cgroups: BTreeMap::new(),
             manager_pid: None,
+            unit_cgroup: None,
         };
         // The cgroups it holds links for, found again by id among the selector's matches
         // at the next rescan; links of removed cgroups are dropped now.
@@ -251,6 +260,7 @@ impl Manager {
                 pinned,
                 cgroups: BTreeMap::new(),
                 manager_pid: None,
+                unit_cgroup: None,
             },
         );
         let result = async {
@@ -295,7 +305,10 @@ impl Manager {
                         self.cg.mount().join(glob.as_str()).display()
                     );
                 }
-                let n = self.attach_cgroups(key, found)?;
+                let (n, failed) = self.attach_cgroups(key, found);
+                if let (true, Some(err)) = (glob.is_literal(), failed) {
+                    return Err(err);
+                }
                 Ok(format!(
                     "attached {selector}: {n} cgroup(s) now{}",
                     if glob.is_literal() {
@@ -309,11 +322,13 @@ impl Manager {
         }
     }
 
-    /// Attaches to `found` (relative to the cgroup2 mount) what is not attached yet.
-    /// Returns how many cgroups the entry is attached to.
-    fn attach_cgroups(&mut self, key: &str, found: Vec<PathBuf>) -> Result<usize> {
+    /// Attaches to `found` (relative to the cgroup2 mount) what is not attached yet; a
+    /// cgroup that fails is logged and retried at the next rescan, the others go on.
+    /// Returns how many cgroups the entry is attached to, and the last failure.
+    fn attach_cgroups(&mut self, key: &str, found: Vec<PathBuf>) -> (usize, Option<anyhow::Error>) {
         let mount = self.cg.mount().to_path_buf();
         let e = self.entries.get_mut(key).expect("entry exists");
+        let mut failed = None;
         for rel in found {
             let path = mount.join(&rel);
             let Ok(id) = cgroup_id(&path) else { continue };
@@ -336,10 +351,13 @@ impl Manager {
                 }
                 // The cgroup went away meanwhile.
                 Err(_) if !path.exists() => {}
-                Err(err) => return Err(err),
+                Err(err) => {
+                    log::error!("{}: {err:#}", e.selector);
+                    failed = Some(err);
+                }
             }
         }
-        Ok(e.cgroups.len())
+        (e.cgroups.len(), failed)
     }
 
     async fn attach_unit(&mut self, key: &str, name: &str) -> Result<String> {
@@ -369,27 +387,52 @@ impl Manager {
             );
         }
         let text = systemd::dropin_text(name, &programs, exe_visible.then_some(hook.1.as_str()))?;
-        let path = sd.write_dropin(name, &text)?;
-        sd.reload().await?;
-        log::info!("wrote {} and reloaded systemd", path.display());
+        // Rewriting an identical drop-in would only cost a daemon-reload, which detaches and
+        // re-attaches every unit's BPFProgram= for a moment.
+        let dropin = sd.dropin_path(name);
+        if fs::read_to_string(&dropin).ok().as_deref() != Some(text.as_str()) {
+            sd.write_dropin(name, &text)?;
+            sd.reload().await?;
+            log::info!("wrote {} and reloaded systemd", dropin.display());
+        }
         let cgroup = unit.cgroup.clone();
         let e = self.entries.get_mut(key).expect("entry exists");
         e.manager_pid = Some(manager_pid);
-        match cgroup {
-            Some(path) => {
-                let id = cgroup_id(&path)?;
-                e.pinned.attach(&self.dirs, &path)?;
+        // Attached as systemd and the start hook attach (BPF_PROG_ATTACH, which the kernel
+        // refuses twice for one program): systemd may apply the new BPFProgram= to the
+        // running cgroup after the reload too, and a link would then double it.
+        let attached = match &cgroup {
+            Some(path) => match e.pinned.attach_legacy(path) {
+                Ok(_) => cgroup_id(path).ok(),
+                Err(_) if !path.exists() => None,
+                Err(err) => return Err(err),
+            },
+            None => None,
+        };
+        e.unit_cgroup = cgroup.clone().or(e.unit_cgroup.take());
+        match (attached, cgroup) {
+            (Some(id), Some(path)) => {
                 e.cgroups.insert(id, path.clone());
                 log::info!("attached unit {name} (cgroup {})", path.display());
                 Ok(format!(
-                    "attached unit {name}: running in {}, and at every start through {}",
-                    path.display(),
-                    path_display(&self.dirs, &path)
+                    "attached unit {name}: running in {}, and at every start",
+                    path.display()
                 ))
             }
-            None => Ok(format!(
+            _ => Ok(format!(
                 "attached unit {name}: not running; attached at its next start"
             )),
+        }
+    }
+
+    /// Attaches every entry where its selector points now (the daemon's start: adopted
+    /// entries learn their unit's systemd and cgroup again). Failures are logged.
+    pub async fn attach_all_targets(&mut self) {
+        let keys: Vec<String> = self.entries.keys().cloned().collect();
+        for key in keys {
+            if let Err(e) = self.attach_targets(&key).await {
+                log::error!("{}: {e:#}", self.entries[&key].selector);
+            }
         }
     }
 
@@ -408,33 +451,40 @@ impl Manager {
         Ok((exe, cmd))
     }
 
-    /// Detaches and unpins one attachment.
+    /// Detaches and unpins one attachment. The record goes first: it is the intent, and a
+    /// crash after it leaves pins without a record, which the next start removes. A unit
+    /// whose drop-in cannot be removed (its systemd unreachable) keeps everything, so that
+    /// its starts keep working.
     pub async fn detach(&mut self, key: &str) -> Result<String> {
-        let Some(e) = self.entries.remove(key) else {
+        let Some(e) = self.entries.get(key) else {
             bail!("nothing is attached as {}", selector_of_key(key));
         };
-        let mut failures = Vec::new();
-        if let Selector::Unit(name) = &e.selector {
-            match self.detach_unit(name).await {
-                Ok(Some(path)) => {
-                    if let Err(err) = e.pinned.detach(&self.dirs, &path) {
-                        failures.push(format!("{err:#}"));
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => failures.push(format!("{err:#}")),
-            }
+        let selector = e.selector.clone();
+        let mut unit_cgroup = None;
+        if let Selector::Unit(name) = &selector {
+            unit_cgroup = self
+                .detach_unit(name)
+                .await
+                .with_context(|| format!("{selector} stays attached"))?;
         }
-        for path in e.cgroups.values() {
+        let e = self.entries.remove(key).expect("looked up above");
+        let record = self.dirs.records().join(key);
+        match fs::remove_file(&record) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                self.entries.insert(key.to_owned(), e);
+                return Err(err).with_context(|| format!("removing {}", record.display()));
+            }
+            _ => {}
+        }
+        let mut failures = Vec::new();
+        for path in unit_cgroup.iter().chain(e.cgroups.values()) {
             if path.exists() {
                 if let Err(err) = e.pinned.detach(&self.dirs, path) {
                     failures.push(format!("{err:#}"));
                 }
             }
         }
-        let selector = e.selector.clone();
         e.pinned.remove(&self.dirs);
-        let _ = fs::remove_file(self.dirs.records().join(key));
         log::info!("detached {selector}");
         if !failures.is_empty() {
             bail!("detached {selector}, with errors: {}", failures.join("; "));
@@ -487,15 +537,30 @@ impl Manager {
     }
 
     /// Follows the cgroups the selectors match now: attaches new matches, forgets the
-    /// cgroups that are gone. Returns lines for the log.
-    pub fn rescan(&mut self) {
+    /// cgroups that are gone, follows a unit into the cgroup of its latest start. Returns
+    /// the `--pid` attachments whose cgroup is gone (the container ended): the caller
+    /// detaches them.
+    pub fn rescan(&mut self) -> Vec<String> {
+        let mut ended = Vec::new();
         let keys: Vec<String> = self.entries.keys().cloned().collect();
         for key in keys {
             let e = &self.entries[&key];
-            if let Selector::Cgroup(glob) = &e.selector {
-                let found = glob.expand(self.cg.mount());
-                if let Err(err) = self.attach_cgroups(&key, found) {
-                    log::warn!("{err:#}");
+            match &e.selector {
+                Selector::Cgroup(glob) => {
+                    let found = glob.expand(self.cg.mount());
+                    if e.pid.is_some() && found.is_empty() {
+                        ended.push(key.clone());
+                        continue;
+                    }
+                    let _ = self.attach_cgroups(&key, found);
+                }
+                Selector::Unit(_) => {
+                    let e = self.entries.get_mut(&key).expect("listed above");
+                    if let Some(path) = &e.unit_cgroup {
+                        if let Ok(id) = cgroup_id(path) {
+                            e.cgroups.entry(id).or_insert_with(|| path.clone());
+                        }
+                    }
                 }
             }
             let e = self.entries.get_mut(&key).expect("listed above");
@@ -505,17 +570,27 @@ impl Manager {
                 .filter(|(id, p)| cgroup_id(p).ok() != Some(**id))
                 .map(|(id, _)| *id)
                 .collect();
-            for id in gone {
-                if let Some(p) = e.cgroups.remove(&id) {
-                    log::info!(
+            for id in &gone {
+                if let Some(p) = e.cgroups.remove(id) {
+                    log::debug!(
                         "cgroup {} is gone: forgotten by {}",
                         p.display(),
                         e.selector
                     );
+                    if matches!(e.selector, Selector::Cgroup(_)) {
+                        log::info!(
+                            "cgroup {} is gone: forgotten by {}",
+                            p.display(),
+                            e.selector
+                        );
+                    }
                 }
             }
-            e.pinned.forget_removed_cgroups(&self.dirs);
+            if !gone.is_empty() {
+                e.pinned.forget_removed_cgroups(&self.dirs);
+            }
         }
+        ended
     }
 
     /// Directories to watch for cgroups appearing or vanishing.
@@ -579,10 +654,6 @@ fn selector_of_key(key: &str) -> String {
     Selector::from_key(key)
         .map(|s| s.to_string())
         .unwrap_or_else(|| key.to_owned())
-}
-
-fn path_display(dirs: &StateDirs, _cgroup: &Path) -> String {
-    format!("the drop-in (programs pinned in {})", dirs.pin.display())
 }
 
 /// A TOML basic string.

@@ -182,18 +182,46 @@ impl PinnedAttachment {
             return Ok(false);
         }
         let links = dirs.links(&self.key).join(id.to_string());
-        // Links pinned there before whose programs are not attached any more belong to a
-        // cgroup of the same id that was removed: replace them all.
-        pin::remove_tree(&links);
-        pin::create_dir_atomically(&links, |tmp| {
+        let link_missing = |tmp: &Path| {
             for p in &missing {
+                let pin = tmp.join(p.name);
+                // A pin left by a link some other tool detached.
+                let _ = std::fs::remove_file(&pin);
                 let link = kernel::link_create(p.fd.as_fd(), cg.as_fd(), p.attach_type)
                     .map_err(|e| link_error(e, p.name, cgroup))?;
-                kernel::obj_pin(link.as_fd(), &tmp.join(p.name))?;
+                kernel::obj_pin(link.as_fd(), &pin)?;
             }
             Ok(())
-        })?;
+        };
+        if links.is_dir() {
+            // Some of ours are still linked there: keep them, add the rest.
+            link_missing(&links)?;
+        } else {
+            pin::create_dir_atomically(&links, link_missing)?;
+        }
         Ok(true)
+    }
+
+    /// Attaches what is missing on `cgroup` with BPF_PROG_ATTACH, as systemd's
+    /// `BPFProgram=` does: no descriptor or pin holds it, the cgroup does, and the kernel
+    /// refuses the same program twice (EEXIST, taken as "there"). Returns how many it
+    /// attached.
+    pub fn attach_legacy(&self, cgroup: &Path) -> Result<usize> {
+        let cg = open_cgroup(cgroup)?;
+        let mut attached = 0;
+        for p in &self.programs {
+            let on = kernel::attached_programs(cg.as_fd(), p.attach_type)
+                .with_context(|| format!("querying the programs of cgroup {}", cgroup.display()))?;
+            if on.contains(&p.id) {
+                continue;
+            }
+            match kernel::prog_attach(cg.as_fd(), p.fd.as_fd(), p.attach_type) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(link_error(e, p.name, cgroup)),
+                Ok(()) => attached += 1,
+            }
+        }
+        Ok(attached)
     }
 
     /// Takes every program of this attachment off `cgroup`: its pinned links, and what
@@ -237,21 +265,21 @@ impl PinnedAttachment {
     /// The cgroup ids this attachment holds links for.
     /// Drops the links of cgroups that are gone (the kernel has released them: their links
     /// point nowhere).
-    pub fn forget_removed_cgroups(&self, dirs: &StateDirs) -> Vec<u64> {
-        let mut gone = Vec::new();
+    pub fn forget_removed_cgroups(&self, dirs: &StateDirs) {
         for (name, path) in pin::list_dir(&dirs.links(&self.key)) {
+            // Only what the kernel says is released counts: an error reading a pin
+            // (EMFILE, ENOMEM) must not unpin live links.
             let defunct = pin::list_dir(&path).iter().all(|(_, link)| {
-                kernel::obj_get(link)
-                    .ok()
-                    .and_then(|fd| kernel::link_target(fd.as_fd()).ok())
-                    .is_none_or(|t| t.cgroup_id == 0)
+                matches!(
+                    kernel::obj_get(link).and_then(|fd| Ok(kernel::link_target(fd.as_fd())?)),
+                    Ok(t) if t.cgroup_id == 0
+                )
             });
             if defunct {
+                log::debug!("removing the links of removed cgroup {name}");
                 pin::remove_tree(&path);
-                gone.extend(name.parse::<u64>().ok());
             }
         }
-        gone
     }
 
     /// Unpins everything: links first (which detaches them), then programs and policy.
@@ -261,23 +289,11 @@ impl PinnedAttachment {
     }
 }
 
-/// Attaches what is missing of attachment `key` to `cgroup` with BPF_PROG_ATTACH, as
-/// systemd's `BPFProgram=` does: this runs as a unit's `ExecStartPre=`, in the unit's
-/// fresh cgroup, and exits, so no link could stay. Returns how many it attached.
+/// The unit start hook: attaches what is missing of attachment `key` to `cgroup` (see
+/// [`PinnedAttachment::attach_legacy`]); this runs as a unit's `ExecStartPre=`, in the
+/// unit's fresh cgroup, and exits, so no link could stay.
 pub fn start_hook(dirs: &StateDirs, key: &str, cgroup: &Path) -> Result<usize> {
-    let att = PinnedAttachment::open(dirs, key)?;
-    let cg = open_cgroup(cgroup)?;
-    let mut attached = 0;
-    for p in &att.programs {
-        let on = kernel::attached_programs(cg.as_fd(), p.attach_type)
-            .with_context(|| format!("querying the programs of cgroup {}", cgroup.display()))?;
-        if !on.contains(&p.id) {
-            kernel::prog_attach(cg.as_fd(), p.fd.as_fd(), p.attach_type)
-                .with_context(|| format!("attaching {} to cgroup {}", p.name, cgroup.display()))?;
-            attached += 1;
-        }
-    }
-    Ok(attached)
+    PinnedAttachment::open(dirs, key)?.attach_legacy(cgroup)
 }
 
 fn open_trie<K: aya::Pod>(path: &Path) -> Result<LpmTrie<MapData, K, u8>> {
@@ -293,7 +309,10 @@ fn open_cgroup(cgroup: &Path) -> Result<File> {
 
 fn link_error(e: std::io::Error, name: &str, cgroup: &Path) -> anyhow::Error {
     let why = match e.raw_os_error() {
-        Some(libc::EINVAL) => " (BPF links to cgroups need Linux 5.7)",
+        Some(libc::EINVAL) => {
+            " (BPF links to cgroups need Linux 5.7, the getsockname hooks Linux 5.8)"
+        }
+        Some(libc::E2BIG) => " (the kernel allows 64 programs per cgroup and hook)",
         _ => "",
     };
     anyhow!("attaching {name} to cgroup {}: {e}{why}", cgroup.display())

@@ -156,6 +156,26 @@ pub fn bpf_programs_attached_at(cgroup: &std::path::Path) -> Vec<(String, String
         .unwrap_or_else(|e| panic!("bpftool cgroup show {}: {e}", cgroup.display()))
 }
 
+/// The kernel's ids of the programs attached to a cgroup directory, sorted: the same ids
+/// before and after something means nothing was detached and attached again meanwhile.
+pub fn bpf_program_ids_at(cgroup: &std::path::Path) -> Vec<u64> {
+    let out = check_output(
+        Command::new(tool("bpftool"))
+            .args(["-j", "cgroup", "show"])
+            .arg(cgroup),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ids: Vec<u64> = match serde_json::from_str::<serde_json::Value>(text.trim()) {
+        Ok(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.get("id").and_then(|v| v.as_u64()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    ids.sort();
+    ids
+}
+
 /// Parses `bpftool -j cgroup show`: a JSON array of objects, or nothing at all when no
 /// program is attached (bpftool 7.1 prints no `[]` then).
 fn parse_cgroup_show(stdout: &str) -> Result<Vec<(String, String)>, String> {

@@ -5,7 +5,7 @@
 use std::{fs, path::PathBuf, thread, time::Duration};
 
 use freebind_e2e::{
-    add_addr, bpf_programs_attached, ensure_tools, http_get, require_root,
+    add_addr, bpf_program_ids_at, bpf_programs_attached, ensure_tools, http_get, require_root,
     scenario::{
         python_http_server, serves_across_address_flap, try_bind, wait_listening, EADDRNOTAVAIL,
         SETTLE,
@@ -128,6 +128,7 @@ fn sighup_applies_added_changed_and_removed_attachments_and_refuses_an_invalid_c
     // Serving in c across the reload: c's programs must stay attached throughout.
     let server = python_http_server(&link.server, Some(&c), "192.0.2.30", 8080);
     wait_listening(&link.server, "tcp", "192.0.2.30:8080", &server);
+    let c_programs = bpf_program_ids_at(c.path());
 
     config.write(
         &[
@@ -141,15 +142,22 @@ fn sighup_applies_added_changed_and_removed_attachments_and_refuses_an_invalid_c
     wait_programs(&b, 0);
     wait_programs(&d, PROGRAMS);
     wait_programs(&a, PROGRAMS);
-    wait_until("a's new policy", SETTLE, || {
-        try_bind(&link.server, Some(&a), "tcp", "198.51.100.7", 9000, true).is_ok()
-    });
+    wait_for_log(daemon.proc(), "policy changed", SETTLE);
+    assert_eq!(
+        try_bind(&link.server, Some(&a), "tcp", "198.51.100.7", 9000, true),
+        Ok(()),
+        "a's new prefix binds"
+    );
     assert_eq!(
         try_bind(&link.server, Some(&a), "tcp", "192.0.2.7", 9000, true),
         Err(EADDRNOTAVAIL),
         "a's old prefix is refused once the policy changed"
     );
-    assert_eq!(bpf_programs_attached(&c).len(), PROGRAMS);
+    assert_eq!(
+        bpf_program_ids_at(c.path()),
+        c_programs,
+        "c's programs were never detached"
+    );
     add_addr(&link.server, &link.server_if, "192.0.2.30/24");
     wait_until("c's server answers after the reload", SETTLE, || {
         http_get(&link.client, "192.0.2.30", 8080, "/").is_ok()
@@ -174,6 +182,7 @@ fn sighup_applies_added_changed_and_removed_attachments_and_refuses_an_invalid_c
     for (cg, n) in [(&a, PROGRAMS), (&b, 0), (&c, PROGRAMS), (&d, PROGRAMS)] {
         assert_eq!(bpf_programs_attached(cg).len(), n, "{}", cg.relative());
     }
+    assert_eq!(bpf_program_ids_at(c.path()), c_programs);
 }
 
 #[test]
@@ -323,7 +332,10 @@ fn bad_attach_requests_give_one_line_and_leave_nothing_pinned() {
             vec!["attach", "--cgroup", cgroup.relative(), "--allow", "banana"],
             "banana",
         ),
-        (vec!["attach", "--unit", "no/such.service"], "unit"),
+        (
+            vec!["attach", "--unit", "no/such.service"],
+            "no/such.service",
+        ),
         (vec!["attach", "--pid", "999999999"], "999999999"),
         (
             vec!["detach", "--cgroup", cgroup.relative()],

@@ -126,12 +126,11 @@ fn a_unit_attached_by_name_binds_its_absent_address_at_each_of_100_restarts_unti
     assert!(!dropin.exists(), "{} remains", dropin.display());
     let _ = sandbox.exec(&["systemctl", "restart", UNIT]);
     wait_until("the detached unit fails to bind", SETTLE, || {
-        !sandbox
-            .exec(&["systemctl", "is-active", UNIT])
+        sandbox
+            .exec(&["systemctl", "is-failed", UNIT])
             .stdout
-            .starts_with(b"active")
+            .starts_with(b"failed")
     });
-    std::thread::sleep(Duration::from_millis(200));
     assert!(!listening(&link.server, "tcp", "192.0.2.10:7000"));
     drop(daemon);
 }
@@ -153,7 +152,8 @@ fn a_unit_named_in_the_config_is_attached_at_daemon_start_and_released_when_remo
         UNIT,
         &format!("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart={ECHO_SERVER} tcp 192.0.2.20 7000\n"),
     );
-    let config = std::env::temp_dir().join(format!("{}.toml", freebind_e2e::unique_name("fb-config")));
+    let config =
+        std::env::temp_dir().join(format!("{}.toml", freebind_e2e::unique_name("fb-config")));
     std::fs::write(
         &config,
         format!("[[attach]]\nunit = \"{UNIT}\"\nallow = [\"192.0.2.0/24\"]\n"),
@@ -187,10 +187,23 @@ fn a_unit_named_in_the_config_is_attached_at_daemon_start_and_released_when_remo
 
     std::fs::write(&config, "").unwrap();
     daemon.proc().signal(libc::SIGHUP);
-    wait_until("the drop-in is removed on reload", SETTLE, || !dropin.exists());
+    wait_until("the drop-in is removed on reload", SETTLE, || {
+        !dropin.exists()
+    });
     let cgroup = sandbox.unit_cgroup(UNIT);
     wait_until("the running unit is detached", SETTLE, || {
         bpf_programs_attached_at(&cgroup).is_empty()
     });
+
+    // Attached again while it runs: systemd applies BPFProgram= at the reload, the daemon
+    // adds the rest, and nothing is doubled.
+    std::fs::write(&config, format!("[[attach]]\nunit = \"{UNIT}\"\n")).unwrap();
+    daemon.proc().signal(libc::SIGHUP);
+    wait_until("the drop-in is back", SETTLE, || dropin.exists());
+    wait_until("the running unit is attached again", SETTLE, || {
+        bpf_programs_attached_at(&cgroup).len() >= PROGRAMS
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_attached_once(&cgroup);
     let _ = std::fs::remove_file(&config);
 }
