@@ -502,24 +502,8 @@ pub fn prog_detach(
 /// Opens a pinned object (BPF_OBJ_GET): a program, map or link.
 pub fn obj_get(path: &std::path::Path) -> Result<OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = bpf(
-        BPF_OBJ_GET,
-        (&attr as *const ObjAttr).cast(),
-        mem::size_of::<ObjAttr>(),
-    )
-    .with_context(|| format!("opening pinned {}", path.display()))?;
+    let fd = obj_call(BPF_OBJ_GET, path, 0)
+        .with_context(|| format!("opening pinned {}", path.display()))?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -527,6 +511,13 @@ pub fn obj_get(path: &std::path::Path) -> Result<OwnedFd> {
 /// Pins a program, map or link at `path` on bpffs (BPF_OBJ_PIN).
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
     const BPF_OBJ_PIN: libc::c_long = 6;
+    obj_call(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(())
+}
+
+/// BPF_OBJ_GET and BPF_OBJ_PIN share their attribute: a path and (to pin) a descriptor.
+fn obj_call(cmd: libc::c_long, path: &std::path::Path, fd: u32) -> Result<RawFd> {
     #[repr(C)]
     struct ObjAttr {
         pathname: u64,
@@ -536,16 +527,14 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))?;
     let attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
+        bpf_fd: fd,
         file_flags: 0,
     };
-    bpf(
-        BPF_OBJ_PIN,
+    Ok(bpf(
+        cmd,
         (&attr as *const ObjAttr).cast(),
         mem::size_of::<ObjAttr>(),
-    )
-    .with_context(|| format!("pinning {}", path.display()))?;
-    Ok(())
+    )?)
 }
 
 /// Attaches `prog` to the cgroup through a BPF link (BPF_LINK_CREATE, Linux 5.7): links are

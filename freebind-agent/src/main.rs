@@ -103,10 +103,13 @@ struct TargetArgs {
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
 struct DetachArgs {
+    /// The unit: its drop-in goes, and its running cgroup is detached.
     #[arg(long, value_name = "NAME")]
     unit: Option<String>,
+    /// The cgroup path or glob, as attached.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
+    /// The process attached with `attach --pid`.
     #[arg(long, value_name = "PID")]
     pid: Option<u32>,
     /// Everything this installation pinned, and its records and drop-ins.
