@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use crate::cgroup::Cgroup;
 use crate::netns::Netns;
 use crate::process::Proc;
+use crate::tools::{install_missing, tool};
 use crate::util::{show_cmd, show_output};
 
 /// Where the cached sandbox root lives: made once by `debootstrap`, then only ever the
@@ -106,9 +107,6 @@ const SANDBOX_TOOLS: &[(&str, &str)] = &[
     ("debootstrap", "debootstrap"),
     ("systemd-nspawn", "systemd-container"),
 ];
-
-/// Where root's tools are even when the caller's PATH lacks the sbin directories.
-const EXTRA_DIRS: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 /// Numbers the cgroups of [`Sandbox::exec`] calls.
 static EXEC_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -210,7 +208,7 @@ fn build_root(root: &Path) {
     let log2 = log
         .try_clone()
         .unwrap_or_else(|e| panic!("cannot dup log fd: {e}"));
-    let mut cmd = Command::new(tool_path("debootstrap"));
+    let mut cmd = Command::new(tool("debootstrap"));
     cmd.arg(format!("--variant={VARIANT}"))
         .arg(format!("--include={INCLUDE}"))
         .arg(SUITE)
@@ -333,64 +331,11 @@ fn unmount_below(dir: &Path) {
 // ---------------------------------------------------------------------------------------
 // Host prerequisites.
 
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(EXTRA_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
-fn tool_path(name: &str) -> PathBuf {
-    find_tool(name)
-        .unwrap_or_else(|| panic!("{name} not found in PATH or {EXTRA_DIRS:?}; see sandbox_root()"))
-}
-
-/// Installs `debootstrap` and `systemd-container` (systemd-nspawn) with apt when missing, like the test bed's `ensure_tools`. Once per process.
+/// Installs `debootstrap` and `systemd-container` (systemd-nspawn) with apt when missing,
+/// as the test bed's `ensure_tools` does for its own. Once per process.
 fn ensure_sandbox_tools() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let missing: Vec<(&str, &str)> = SANDBOX_TOOLS
-            .iter()
-            .copied()
-            .filter(|(t, _)| find_tool(t).is_none())
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let names: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
-        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            panic!("missing tools {names:?}; install the Debian packages {packages:?}");
-        }
-        eprintln!("freebind-e2e: installing {packages:?} for missing tools {names:?}");
-        for args in [
-            vec!["update"],
-            [&["install", "-y", "--no-install-recommends"][..], &packages].concat(),
-        ] {
-            let mut cmd = Command::new("apt-get");
-            cmd.args(&args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdin(Stdio::null());
-            let out = cmd
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", show_cmd(&cmd)));
-            if !out.status.success() {
-                panic!("`{}` failed: {}", show_cmd(&cmd), show_output(&out));
-            }
-        }
-        let still: Vec<&str> = names
-            .into_iter()
-            .filter(|t| find_tool(t).is_none())
-            .collect();
-        if !still.is_empty() {
-            panic!("tools {still:?} still missing after installing {packages:?}");
-        }
-    });
+    ONCE.call_once(|| install_missing(SANDBOX_TOOLS));
 }
 
 fn is_bpffs(path: &str) -> bool {
@@ -508,7 +453,7 @@ impl SandboxBuilder {
         ensure_bpffs();
         let cgroup = Cgroup::new(&self.prefix);
         let machine = machine_name(cgroup.relative());
-        let mut cmd = Command::new(tool_path("systemd-nspawn"));
+        let mut cmd = Command::new(tool("systemd-nspawn"));
         cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
             .env("SYSTEMD_COLORS", "0")
             .current_dir("/")

@@ -81,36 +81,41 @@ pub fn tool(name: &str) -> PathBuf {
 /// something is still missing.
 pub fn ensure_tools() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let missing: Vec<(&str, &str)> = TOOLS
-            .iter()
-            .copied()
-            .filter(|(t, _)| find_tool(t).is_none())
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let names: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
-        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-        if !is_root() {
-            panic!(
-                "missing tools {names:?}; install the Debian packages {packages:?} \
-                 (or run the tests as root, which installs them)"
-            );
-        }
-        eprintln!("freebind-e2e: installing {packages:?} for missing tools {names:?}");
-        apt(&["update"]);
-        let mut args = vec!["install", "-y", "--no-install-recommends"];
-        args.extend(&packages);
-        apt(&args);
-        let still: Vec<&str> = names
-            .into_iter()
-            .filter(|t| find_tool(t).is_none())
-            .collect();
-        if !still.is_empty() {
-            panic!("tools {still:?} still missing after installing {packages:?}");
-        }
-    });
+    ONCE.call_once(|| install_missing(TOOLS));
+}
+
+/// Installs the Debian packages of the `(tool, package)` pairs whose tool is missing
+/// (`apt-get update`, then `apt-get install -y`, as root); panics with a clear message
+/// when something is still missing. Callers run it once per process.
+pub(crate) fn install_missing(tools: &[(&str, &str)]) {
+    let missing: Vec<(&str, &str)> = tools
+        .iter()
+        .copied()
+        .filter(|(t, _)| find_tool(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
+    let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    if !is_root() {
+        panic!(
+            "missing tools {names:?}; install the Debian packages {packages:?} \
+             (or run the tests as root, which installs them)"
+        );
+    }
+    eprintln!("freebind-e2e: installing {packages:?} for missing tools {names:?}");
+    apt(&["update"]);
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(&packages);
+    apt(&args);
+    let still: Vec<&str> = names
+        .into_iter()
+        .filter(|t| find_tool(t).is_none())
+        .collect();
+    if !still.is_empty() {
+        panic!("tools {still:?} still missing after installing {packages:?}");
+    }
 }
 
 fn apt(args: &[&str]) {
