@@ -251,23 +251,35 @@ impl StateLock {
     }
 }
 
-/// Writes `contents` to `path` atomically (temporary file + rename).
+/// Writes `contents` to `path` atomically: a synced temporary file (mode 0644) renamed into
+/// place, so a reader (systemd reading a drop-in, the next agent reading a record) never
+/// sees half a file. The temporary name starts with a dot and does not end like `path`,
+/// so systemd ignores it should it read the directory meanwhile.
 pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.tmp{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
-    fs::write(&tmp, contents)
-        .and_then(|()| fs::rename(&tmp, path))
-        .with_context(|| format!("writing {}", path.display()))
-        .inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
+    let result = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(contents.as_bytes())?;
+            f.sync_all()
         })
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
 }
 
 /// A directory's entries by name, without temporary ones.

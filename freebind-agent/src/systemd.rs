@@ -23,13 +23,8 @@ mod connect;
 pub mod dbus;
 
 use std::{
-    ffi::OsString,
-    fs,
-    io::{self, Write as _},
-    os::unix::{
-        fs::{MetadataExt as _, OpenOptionsExt as _},
-        net::UnixDatagram,
-    },
+    fs, io,
+    os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Component, Path, PathBuf},
     time::Duration,
 };
@@ -404,8 +399,7 @@ impl Systemd {
     pub fn write_dropin(&self, unit: &str, contents: &str) -> Result<PathBuf> {
         check_unit_name(unit)?;
         let path = self.dropin_path(unit);
-        write_atomic(&path, contents.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::pin::write_atomically(&path, contents)?;
         Ok(path)
     }
 
@@ -753,31 +747,6 @@ pub fn dropin_text(
         text.push_str(&format!("ExecStartPre={cmd}\n"));
     }
     Ok(text)
-}
-
-fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = path.parent().expect("drop-in path has a parent");
-    fs::create_dir_all(dir)?;
-    // Not ending in ".conf": systemd ignores it should it read the directory meanwhile.
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(path.file_name().expect("drop-in path has a file name"));
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// `sd_notify(state)`: sends `state` (`READY=1`, `STATUS=…`, newline-separated
