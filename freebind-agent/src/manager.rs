@@ -572,18 +572,17 @@ impl Manager {
                 .collect();
             for id in &gone {
                 if let Some(p) = e.cgroups.remove(id) {
-                    log::debug!(
+                    // A unit's cgroup goes at every restart: only globs' are news.
+                    let level = match e.selector {
+                        Selector::Cgroup(_) => log::Level::Info,
+                        Selector::Unit(_) => log::Level::Debug,
+                    };
+                    log::log!(
+                        level,
                         "cgroup {} is gone: forgotten by {}",
                         p.display(),
                         e.selector
                     );
-                    if matches!(e.selector, Selector::Cgroup(_)) {
-                        log::info!(
-                            "cgroup {} is gone: forgotten by {}",
-                            p.display(),
-                            e.selector
-                        );
-                    }
                 }
             }
             if !gone.is_empty() {
