@@ -2,6 +2,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -58,6 +59,30 @@ pub(crate) fn unique_ifname(prefix: &str) -> String {
         name.push(c);
     }
     name
+}
+
+/// A scratch directory with a unique name under the temp directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/<prefix>-<unique>`; panics when it cannot.
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Polls `f` every 50 ms until it returns true; panics naming `what` after `timeout`.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use freebind_e2e::{
     agent_path, cgroup2_mount, ensure_tools, require_root, tool, unique_name, wait_until, Netns,
-    Sandbox, AGENT_ENV, SANDBOX_ROOT,
+    Sandbox, TempDir, AGENT_ENV, SANDBOX_ROOT,
 };
 
 const UNIT: &str = "freebind-smoke.service";
@@ -96,23 +96,6 @@ struct Pin(PathBuf);
 impl Drop for Pin {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let p = std::env::temp_dir().join(unique_name(prefix));
-        fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -393,7 +376,7 @@ fn host_files_and_network_namespace_go_in() {
     ensure_tools();
     // A host script bound at the same path, as a unit's ExecStartPre= runs the agent.
     let dir = TempDir::new("fb-sbx-bind");
-    let script = dir.0.join("hello.sh");
+    let script = dir.path().join("hello.sh");
     fs::write(&script, "#!/bin/sh\necho \"hello from $(hostname)\"\n").expect("write script");
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
     let ns = Netns::new("fb-sbx-ns");

@@ -6,14 +6,13 @@ use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use freebind_e2e::{
     add_addr, add_addr6, addr6_tentative, bpf_programs_attached, cgroup2_mount, ensure_tools,
     http_get, require_root, run_in, spawn_in, tcp_request, udp_request, unique_name, wait_until,
-    Agent, Cgroup, Link, Netns,
+    Agent, Cgroup, Link, Netns, TempDir,
 };
 
 /// Names `ip netns list` shows.
@@ -23,23 +22,6 @@ fn netns_list() -> String {
         .output()
         .expect("run ip netns list");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let p = std::env::temp_dir().join(unique_name(prefix));
-        fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -71,7 +53,7 @@ fn link_carries_http_tcp_udp_from_client_namespace() {
 
     let docroot = TempDir::new("freebind-smoke-www");
     let token = unique_name("hello");
-    fs::write(docroot.0.join("hello.txt"), &token).expect("write hello.txt");
+    fs::write(docroot.path().join("hello.txt"), &token).expect("write hello.txt");
     let http = spawn_in(
         &link.server,
         None,
@@ -83,7 +65,7 @@ fn link_carries_http_tcp_udp_from_client_namespace() {
             "--bind",
             "192.0.2.10",
             "--directory",
-            docroot.0.to_str().expect("utf-8 temp dir"),
+            docroot.path().to_str().expect("utf-8 temp dir"),
         ],
     );
     wait_until("http.server answers", Duration::from_secs(20), || {
@@ -209,7 +191,7 @@ fn agent_guard_runs_through_ip_netns_exec() {
     // A stand-in for freebind-agent: says what it was given and where it runs, then
     // "ready", and exits 0 on SIGTERM.
     let dir = TempDir::new("freebind-smoke-agent");
-    let script = dir.0.join("fake-agent");
+    let script = dir.path().join("fake-agent");
     fs::write(
         &script,
         "#!/bin/sh\n\
