@@ -2,6 +2,7 @@
 //! before anything changes, then act.
 use std::{
     ffi::OsString,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -49,7 +50,13 @@ fn open_netns(names: &[String]) -> Result<Vec<Netns>> {
 }
 
 /// `run --cgroup PATH`: attach to an existing cgroup until SIGINT/SIGTERM.
-pub fn run(cgroup: &Path, allow: &[String], netns: &[String]) -> Result<()> {
+pub fn run(
+    cgroup: &Path,
+    allow: &[String],
+    netns: &[String],
+    metrics: Option<SocketAddr>,
+) -> Result<()> {
+    let _ = metrics;
     let (policy, cg) = prepare(allow)?;
     let cgroup = cg.resolve(cgroup)?;
     let extra = open_netns(netns)?;
@@ -131,7 +138,12 @@ pub enum Target {
 }
 
 /// `daemon [--config PATH]`: the system-wide agent until SIGTERM/SIGINT.
-pub fn daemon(opts: &StateOptions, config: Option<&Path>) -> Result<()> {
+pub fn daemon(
+    opts: &StateOptions,
+    config: Option<&Path>,
+    metrics: Option<SocketAddr>,
+) -> Result<()> {
+    let _ = metrics;
     let (_, cg) = prepare(&[] as &[String])?;
     // An invalid config is refused before anything changes.
     let source = ConfigSource::new(config);
@@ -300,4 +312,21 @@ fn change(opts: &StateOptions, req: Request) -> Result<String> {
         };
         Ok(out)
     })
+}
+
+/// `status [--json]`: what is attached and which managed sockets are live or dormant.
+pub fn status(opts: &StateOptions, json: bool) -> Result<String> {
+    let _ = (opts, json);
+    bail!("not built yet")
+}
+
+/// `events [--json]`: the running daemon's stream, printed until interrupted.
+pub fn events(opts: &StateOptions, json: bool) -> Result<()> {
+    let _ = (opts, json);
+    bail!("not built yet")
+}
+
+/// `check`: prints the requirement table; 0 when everything is there, 1 otherwise.
+pub fn check() -> Result<i32> {
+    Ok(if crate::check::run()? { 0 } else { 1 })
 }

@@ -5,6 +5,7 @@
 pub mod addrwatch;
 pub mod agent;
 pub mod cgroup;
+pub mod check;
 pub mod commands;
 pub mod config;
 pub mod control;

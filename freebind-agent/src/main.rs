@@ -42,6 +42,8 @@ enum Command {
         /// namespaces are left to the kernel and logged as other-netns.
         #[arg(long = "netns", value_name = "NETNS")]
         netns: Vec<String>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// The system-wide agent: attaches what its config and `attach` ask for, pinned so that
     /// it outlives the daemon, and watches addresses in every network namespace attached
@@ -50,6 +52,8 @@ enum Command {
         /// The TOML config (`[[attach]]` tables); a missing default file means none.
         #[arg(long, env = "FREEBIND_CONFIG", value_name = "PATH")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Attach to a unit, cgroup or process, pinned: enforcement outlives this command. Sent
     /// to the running daemon; done here when none runs.
@@ -70,6 +74,30 @@ enum Command {
     Hook {
         #[arg(long, value_name = "KEY")]
         key: String,
+    },
+    /// Every attachment, and every socket of the managed processes bound to an address
+    /// that was not local at bind time or is not local now: live or dormant.
+    Status {
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the running daemon's bind decisions and the address changes that touch
+    /// managed sockets, until interrupted.
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether this kernel and this process can run freebind: every program type, helper
+    /// and map type it uses, BTF, cgroup v2, bpffs, capabilities; what to do about each ✘.
+    Check,
+    /// Print a shell completion script or a man page, generated from these definitions
+    /// (used by `cargo xtask`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
     },
     /// Run CMD in a transient cgroup under freebind; exit with CMD's status.
     Exec {
@@ -124,6 +152,27 @@ fn target(unit: &Option<String>, cgroup: &Option<PathBuf>, pid: Option<u32>) -> 
         .or_else(|| pid.map(Target::Pid))
 }
 
+#[derive(Debug, Subcommand)]
+enum Generated {
+    /// A completion script for bash, zsh or fish.
+    Completion {
+        #[arg(value_name = "SHELL")]
+        shell: String,
+    },
+    /// The man pages (freebind-agent.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9797).
+    #[arg(long, env = "FREEBIND_METRICS_ADDR", value_name = "ADDR:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, clap::Args)]
 struct PolicyArgs {
     /// A prefix that may be bound while not local (repeatable; default: any address).
@@ -134,6 +183,13 @@ struct PolicyArgs {
         value_name = "PREFIX"
     )]
     allow: Vec<String>,
+}
+
+/// Completion scripts and man pages come from the definitions above, so they never drift
+/// from the parser.
+fn generate(what: &Generated) -> anyhow::Result<()> {
+    let _ = what;
+    anyhow::bail!("not built yet")
 }
 
 fn main() -> ExitCode {
@@ -162,7 +218,9 @@ fn main() -> ExitCode {
         })
     };
     let result = match &cli.command {
-        Command::Daemon { config } => commands::daemon(&state, config.as_deref()).map(|()| 0),
+        Command::Daemon { config, metrics } => {
+            commands::daemon(&state, config.as_deref(), metrics.metrics_addr).map(|()| 0)
+        }
         Command::Attach { target: t, policy } => print(commands::attach(
             &state,
             &target(&t.unit, &t.cgroup, t.pid).expect("clap requires one"),
@@ -177,7 +235,12 @@ fn main() -> ExitCode {
             cgroup,
             policy,
             netns,
-        } => commands::run(cgroup, &policy.allow, netns).map(|()| 0),
+            metrics,
+        } => commands::run(cgroup, &policy.allow, netns, metrics.metrics_addr).map(|()| 0),
+        Command::Status { json } => print(commands::status(&state, *json)),
+        Command::Events { json } => commands::events(&state, *json).map(|()| 0),
+        Command::Check => commands::check(),
+        Command::Generate { what } => generate(what).map(|()| 0),
         Command::Exec { policy, netns, cmd } => {
             commands::exec(cmd, &policy.allow, netns.as_deref())
         }
