@@ -1,9 +1,10 @@
 //! A foreground agent: one attachment, the network namespaces it serves (address watch and
 //! steering in each) and its event stream, served until the caller's future completes.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     future::Future,
     net::IpAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -17,13 +18,14 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use crate::{
     addrwatch::{ifname, AddrChange, AddrWatch, Transition},
     cgroup::cgroup_id,
+    events::{Broadcast, Event},
     loader::{Attachment, Logger, MapPins, Maps},
     locality::{LocalMap, Locality},
     netns::Netns,
     paths::StateDirs,
     pin,
     policy::Policy,
-    report,
+    status::{self, ForegroundRecord, ManagedCgroup},
     steer::{SteerMaps, Steering},
 };
 
@@ -68,6 +70,10 @@ pub struct Agent {
     logger: Option<AsyncFd<Logger>>,
     changes_tx: mpsc::UnboundedSender<WatchReport>,
     changes: mpsc::UnboundedReceiver<WatchReport>,
+    broadcast: Broadcast,
+    /// The cgroups whose sockets address events name.
+    managed: Vec<ManagedCgroup>,
+    sock_state: MapData,
 }
 
 impl Agent {
@@ -83,6 +89,10 @@ impl Agent {
         }
         let attachment = agent.attachment.as_mut().expect("loaded above");
         attachment.attach(cgroup)?;
+        agent.managed = vec![ManagedCgroup {
+            attachment: format!("cgroup {}", cgroup.display()),
+            cgroup: cgroup.to_path_buf(),
+        }];
         let id = cgroup_id(cgroup)?;
         log::info!(
             "attached to cgroup {} (id {id}); may bind while not local: {policy}",
@@ -132,7 +142,35 @@ impl Agent {
             changes,
             drain,
             unserved: Vec::new(),
+            broadcast: Broadcast::default(),
+            managed: Vec::new(),
+            sock_state: maps.sock_state,
         })
+    }
+
+    /// What `status` needs to find a foreground agent's attachment and maps.
+    pub fn foreground_record(&self, cgroup: &Path, allow: &[String]) -> ForegroundRecord {
+        let attachment = self.attachment.as_ref().expect("until dropped");
+        let ids = attachment.map_ids();
+        ForegroundRecord {
+            pid: std::process::id(),
+            cgroup: cgroup.to_path_buf(),
+            allow: allow.to_vec(),
+            programs: attachment.program_ids(),
+            sock_state: ids.sock_state,
+            decisions: ids.decisions,
+            events_dropped: ids.events_dropped,
+        }
+    }
+
+    /// The event stream, for an `events` client.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.broadcast.subscribe()
+    }
+
+    /// The cgroups whose sockets address events name (the daemon's attachments change).
+    pub fn set_managed(&mut self, managed: Vec<ManagedCgroup>) {
+        self.managed = managed;
     }
 
     fn steer_pin(&self, netns: &Netns) -> Option<PathBuf> {
@@ -333,14 +371,15 @@ impl Agent {
         let mut udp_parked_in = Vec::new();
         let mut batch = Vec::new();
         while let Some(item) = self.events.get_mut().next() {
-            match report::decode(&item) {
+            match crate::report::decode(&item) {
                 Some(ev) => batch.push(ev),
                 None => log::warn!("undecodable bind event of {} bytes", item.len()),
             }
         }
         for ev in batch {
-            let (level, line) = report::describe(&ev);
-            log::log!(level, "{line}");
+            let (level, event) = Event::bind(&ev);
+            log::log!(level, "{}", event.line());
+            self.broadcast.send(&event);
             match Verdict::from_u8(ev.verdict) {
                 Some(Verdict::Steered) if ev.protocol == freebind_common::IPPROTO_UDP => {
                     udp_parked_in.push(ev.netns_cookie)
@@ -357,10 +396,9 @@ impl Agent {
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0);
         if dropped > self.dropped_seen {
-            log::warn!(
-                "{} bind events lost: the event ring buffer was full (the binds themselves were decided as usual)",
-                dropped - self.dropped_seen
-            );
+            let event = Event::dropped(dropped - self.dropped_seen, dropped);
+            log::warn!("{}", event.line());
+            self.broadcast.send(&event);
             self.dropped_seen = dropped;
         }
     }
@@ -426,6 +464,7 @@ impl Agent {
             return Ok(());
         };
         let mut appeared = false;
+        let mut touched = Vec::new();
         for change in changes {
             let (a, verb) = match change {
                 AddrChange::New(a) => (a, "added to"),
@@ -440,7 +479,9 @@ impl Agent {
             }
             match t {
                 Some(t) => {
-                    log_transition(a.addr, t, Some((verb, &ifname(&netns, a.ifindex))), &where_)
+                    let name = ifname(&netns, a.ifindex);
+                    log_transition(a.addr, t, Some((verb, &name)), &where_);
+                    touched.push((a.addr, t, name));
                 }
                 None if matches!(change, AddrChange::New(_)) && !a.usable => log::info!(
                     "address {} on {}{where_} is tentative (IPv6 DAD running): not local yet",
@@ -460,7 +501,40 @@ impl Agent {
             self.udp_pending.insert(cookie);
             self.run_pending_udp();
         }
+        self.announce(&netns, &where_, touched);
         Ok(())
+    }
+
+    /// One line (and event) per address change that touches managed sockets, naming them.
+    /// Costs a socket dump of the namespace, so only when an address's locality changed.
+    fn announce(&self, netns: &Netns, where_: &str, touched: Vec<(IpAddr, Transition, String)>) {
+        if touched.is_empty() || self.managed.is_empty() {
+            return;
+        }
+        let addrs: BTreeSet<IpAddr> = touched.iter().map(|(a, ..)| a.to_canonical()).collect();
+        let fds = [self.sock_state.fd().as_fd()];
+        let sockets =
+            match status::managed_sockets(&self.managed, &fds, Some((netns.ino(), &addrs))) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::debug!("listing the sockets of {}: {e:#}", netns.label());
+                    return;
+                }
+            };
+        for (addr, t, name) in touched {
+            let addr = addr.to_canonical();
+            let theirs: Vec<_> = sockets
+                .iter()
+                .filter(|s| s.address == addr)
+                .cloned()
+                .collect();
+            if theirs.is_empty() {
+                continue;
+            }
+            let event = Event::address(addr, t == Transition::BecameLocal, &name, where_, theirs);
+            log::info!("{}", event.line());
+            self.broadcast.send(&event);
+        }
     }
 }
 

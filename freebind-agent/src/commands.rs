@@ -2,6 +2,7 @@
 //! before anything changes, then act.
 use std::{
     ffi::OsString,
+    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -15,7 +16,7 @@ use crate::{
     config::{check_unit_name, Config, Selector},
     control::{self, Request},
     daemon::{ConfigSource, Daemon},
-    exec, kernel,
+    events, exec, kernel,
     manager::{Manager, Origin},
     netns::Netns,
     paths::StateDirs,
@@ -23,6 +24,7 @@ use crate::{
     pinned,
     policy::Policy,
     selector::CgroupGlob,
+    status::{self, ForegroundGuard},
 };
 
 /// Everything that must hold before the agent touches the kernel. Runs before any thread
@@ -51,13 +53,14 @@ fn open_netns(names: &[String]) -> Result<Vec<Netns>> {
 
 /// `run --cgroup PATH`: attach to an existing cgroup until SIGINT/SIGTERM.
 pub fn run(
+    opts: &StateOptions,
     cgroup: &Path,
     allow: &[String],
     netns: &[String],
-    metrics: Option<SocketAddr>,
+    serve: &ServeOptions,
 ) -> Result<()> {
-    let _ = metrics;
     let (policy, cg) = prepare(allow)?;
+    serve.apply()?;
     let cgroup = cg.resolve(cgroup)?;
     let extra = open_netns(netns)?;
     runtime()?.block_on(async {
@@ -65,7 +68,9 @@ pub fn run(
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let _metrics = serve.start_metrics(opts, &cg).await?;
         let mut agent = Agent::start(&cgroup, &policy, extra)?;
+        let _record = foreground_record(opts, &agent, &cg, &cgroup, allow);
         log::info!(
             "ready: serving {} until SIGINT or SIGTERM",
             cgroup.display()
@@ -86,8 +91,15 @@ pub fn run(
 
 /// `exec [--netns NS] -- CMD`: a transient cgroup, attached, CMD in it (and in NS); returns
 /// CMD's exit code.
-pub fn exec(cmd: &[OsString], allow: &[String], netns: Option<&str>) -> Result<i32> {
+pub fn exec(
+    opts: &StateOptions,
+    cmd: &[OsString],
+    allow: &[String],
+    netns: Option<&str>,
+    serve: &ServeOptions,
+) -> Result<i32> {
     let (policy, cg) = prepare(allow)?;
+    serve.apply()?;
     // CMD enters the namespace through a descriptor of its own, the agent serves it
     // through another.
     let cmd_netns = netns.map(Netns::named).transpose()?;
@@ -96,8 +108,10 @@ pub fn exec(cmd: &[OsString], allow: &[String], netns: Option<&str>) -> Result<i
         // Handlers first: a signal from here on is CMD's to receive, never a default
         // death of the agent that would leave the transient cgroup behind.
         let signals = exec::Signals::install()?;
+        let _metrics = serve.start_metrics(opts, &cg).await?;
         let transient = TransientCgroup::create(&cg)?;
         let mut agent = Agent::start(transient.path(), &policy, extra)?;
+        let record = foreground_record(opts, &agent, &cg, transient.path(), allow);
         log::info!("ready: running {} under freebind", cmd[0].to_string_lossy());
         let code = agent
             .serve_until(exec::run_in_cgroup(
@@ -116,10 +130,70 @@ pub fn exec(cmd: &[OsString], allow: &[String], netns: Option<&str>) -> Result<i
             );
             transient.kill_all();
         }
+        drop(record);
         drop(agent);
         drop(transient);
         Ok(code)
     })
+}
+
+/// Options of the serving verbs (`run`, `exec`, `daemon`).
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// The event ring buffer's size.
+    pub event_ring_bytes: Option<u32>,
+}
+
+impl ServeOptions {
+    fn apply(&self) -> Result<()> {
+        if let Some(bytes) = self.event_ring_bytes {
+            crate::loader::set_event_ring_bytes(bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The metrics server, listening before the agent attaches anything (a taken port
+    /// changes nothing); it stops with the returned guard.
+    async fn start_metrics(
+        &self,
+        opts: &StateOptions,
+        cg: &Cgroup2,
+    ) -> Result<Option<AbortOnDrop>> {
+        let Some(addr) = self.metrics else {
+            return Ok(None);
+        };
+        let task = crate::metrics::serve(addr, opts.dirs.clone(), cg.clone()).await?;
+        Ok(Some(AbortOnDrop(task)))
+    }
+}
+
+/// Ends a background task when dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Records a foreground attachment for `status` and the metrics (best effort: serving
+/// does not depend on it). The cgroup is named relative to the cgroup2 mount, which may be
+/// a private one (`ip netns exec` hides the host's).
+fn foreground_record(
+    opts: &StateOptions,
+    agent: &Agent,
+    cg: &Cgroup2,
+    cgroup: &Path,
+    allow: &[String],
+) -> Option<ForegroundGuard> {
+    let name = Path::new("/").join(cgroup.strip_prefix(cg.mount()).unwrap_or(cgroup));
+    agent
+        .foreground_record(&name, allow)
+        .write(&opts.dirs)
+        .map_err(|e| log::warn!("`status` will not list this agent: {e:#}"))
+        .ok()
 }
 
 /// Where the pinned state lives and how systemd is reached (global options).
@@ -138,13 +212,9 @@ pub enum Target {
 }
 
 /// `daemon [--config PATH]`: the system-wide agent until SIGTERM/SIGINT.
-pub fn daemon(
-    opts: &StateOptions,
-    config: Option<&Path>,
-    metrics: Option<SocketAddr>,
-) -> Result<()> {
-    let _ = metrics;
+pub fn daemon(opts: &StateOptions, config: Option<&Path>, serve: &ServeOptions) -> Result<()> {
     let (_, cg) = prepare(&[] as &[String])?;
+    serve.apply()?;
     // An invalid config is refused before anything changes.
     let source = ConfigSource::new(config);
     if source.explicit || source.path.exists() {
@@ -152,8 +222,11 @@ pub fn daemon(
     }
     runtime()?.block_on(async {
         let lock = StateLock::acquire(&opts.dirs)?;
+        let metrics = serve.start_metrics(opts, &cg).await?;
         let manager = Manager::open(&opts.dirs, cg, &opts.systemd_socket, lock)?;
-        Daemon::start(manager, source).await?.run().await
+        let r = Daemon::start(manager, source).await?.run().await;
+        drop(metrics);
+        r
     })
 }
 
@@ -195,15 +268,16 @@ pub fn hook(opts: &StateOptions, key: &str) -> Result<()> {
     // A drop-in left behind (its detach could not reach systemd) must not keep the unit
     // from starting: say so in its journal and let it start.
     if !opts.dirs.attachment(key).exists() {
-        eprintln!(
-            "freebind: attachment {key} is not pinned in {}: starting without it              (remove the drop-in with `freebind-agent detach`)",
+        log::warn!(
+            "attachment {key} is not pinned in {}: starting without it (remove the drop-in \
+             with `freebind-agent detach`)",
             opts.dirs.pin.display()
         );
         return Ok(());
     }
     let n = pinned::start_hook(&opts.dirs, key, &own)?;
     if n > 0 {
-        eprintln!("freebind: attached {n} program(s) to {}", own.display());
+        log::info!("attached {n} program(s) to {}", own.display());
     }
     Ok(())
 }
@@ -309,6 +383,7 @@ fn change(opts: &StateOptions, req: Request) -> Result<String> {
                 crate::parking::V6Pool::release(std::sync::Arc::new(Netns::current()?));
                 out
             }
+            Request::Ping | Request::Events => bail!("no freebind daemon is running"),
         };
         Ok(out)
     })
@@ -316,14 +391,39 @@ fn change(opts: &StateOptions, req: Request) -> Result<String> {
 
 /// `status [--json]`: what is attached and which managed sockets are live or dormant.
 pub fn status(opts: &StateOptions, json: bool) -> Result<String> {
-    let _ = (opts, json);
-    bail!("not built yet")
+    kernel::check_privileges()?;
+    kernel::enter_host_cgroup_namespace();
+    let cg = Cgroup2::locate_or_mount()?;
+    let s = status::collect(&opts.dirs, &cg)?;
+    Ok(if json { s.to_json() } else { s.render() })
 }
 
 /// `events [--json]`: the running daemon's stream, printed until interrupted.
 pub fn events(opts: &StateOptions, json: bool) -> Result<()> {
-    let _ = (opts, json);
-    bail!("not built yet")
+    let socket = opts.dirs.control_socket();
+    let Some(stream) = control::subscribe(&socket)? else {
+        bail!(
+            "no freebind daemon answers on {}: events come from the daemon (a foreground \
+             `run` or `exec` logs the same lines itself)",
+            socket.display()
+        );
+    };
+    let mut out = std::io::stdout().lock();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
+        let line = line.with_context(|| format!("reading events from {}", socket.display()))?;
+        if let Some(e) = line.strip_prefix("error\t") {
+            bail!("the daemon refused: {e}");
+        }
+        let text = if json { line } else { events::render(&line) };
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            // The reader went away (`| head`).
+            return Ok(());
+        }
+    }
+    bail!(
+        "the daemon closed the event stream on {} (it stopped)",
+        socket.display()
+    )
 }
 
 /// `check`: prints the requirement table; 0 when everything is there, 1 otherwise.

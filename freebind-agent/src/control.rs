@@ -30,6 +30,11 @@ pub enum Request {
         selector: Selector,
     },
     DetachAll,
+    /// Is a daemon there? Answered with `pid N`.
+    Ping,
+    /// Follow the daemon's events: the reply is a stream of JSON lines, one per event,
+    /// until the client goes.
+    Events,
 }
 
 impl Request {
@@ -47,6 +52,8 @@ impl Request {
             ),
             Request::Detach { selector } => format!("detach\t{}\n", encode_selector(selector)),
             Request::DetachAll => "detach-all\n".into(),
+            Request::Ping => "ping\n".into(),
+            Request::Events => "events\n".into(),
         }
     }
 
@@ -69,6 +76,8 @@ impl Request {
                 selector: decode_selector(sel)?,
             },
             ["detach-all"] => Request::DetachAll,
+            ["ping"] => Request::Ping,
+            ["events"] => Request::Events,
             _ => bail!("malformed control request"),
         })
     }
@@ -100,8 +109,8 @@ pub fn encode_reply(r: &Result<String>) -> String {
     }
 }
 
-/// Sends `req` to the daemon listening on `socket`; `None` when no daemon listens there.
-pub fn send(socket: &Path, req: &Request) -> Result<Option<Result<String>>> {
+/// Connects and sends `req`; `None` when no daemon listens on `socket`.
+fn connect(socket: &Path, req: &Request) -> Result<Option<UnixStream>> {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e)
@@ -114,10 +123,23 @@ pub fn send(socket: &Path, req: &Request) -> Result<Option<Result<String>>> {
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
     };
-    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     stream
         .write_all(req.encode().as_bytes())
         .with_context(|| format!("writing to {}", socket.display()))?;
+    Ok(Some(stream))
+}
+
+/// Asks the daemon on `socket` for its event stream: JSON lines until either side goes.
+pub fn subscribe(socket: &Path) -> Result<Option<UnixStream>> {
+    connect(socket, &Request::Events)
+}
+
+/// Sends `req` to the daemon listening on `socket`; `None` when no daemon listens there.
+pub fn send(socket: &Path, req: &Request) -> Result<Option<Result<String>>> {
+    let Some(stream) = connect(socket, req)? else {
+        return Ok(None);
+    };
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
@@ -155,6 +177,8 @@ mod tests {
                 selector: Selector::Unit("a.service".into()),
             },
             Request::DetachAll,
+            Request::Ping,
+            Request::Events,
         ] {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req);
         }

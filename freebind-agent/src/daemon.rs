@@ -256,6 +256,10 @@ impl Daemon {
             return None;
         }
         let req = Request::decode(&line);
+        if let Ok(Request::Events) = req {
+            self.stream_events(write);
+            return None;
+        }
         let result = match &req {
             Ok(req) => self.handle(req.clone()).await,
             Err(e) => Err(anyhow::anyhow!("{e:#}")),
@@ -270,6 +274,28 @@ impl Daemon {
         req.ok()
     }
 
+    /// Forwards the agent's events to an `events` client until it goes (or falls so far
+    /// behind that it is told how many it missed).
+    fn stream_events(&self, mut write: tokio::net::unix::OwnedWriteHalf) {
+        let mut rx = self.agent.subscribe();
+        log::info!("control: an `events` client subscribed");
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let line = match rx.recv().await {
+                    Ok(line) => line,
+                    Err(RecvError::Lagged(n)) => {
+                        format!("{{\"kind\":\"lagged\",\"count\":{n},\"line\":\"{n} events not sent: this client read too slowly\"}}\n").into()
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     async fn handle(&mut self, req: Request) -> Result<String> {
         let r = match req {
             Request::Attach {
@@ -279,6 +305,8 @@ impl Daemon {
             } => self.manager.attach(selector, allow, Origin::Cli, pid).await,
             Request::Detach { selector } => self.manager.detach(&selector.key()).await,
             Request::DetachAll => self.manager.detach_all().await,
+            Request::Ping => return Ok(format!("pid {}", std::process::id())),
+            Request::Events => unreachable!("streamed by serve_request"),
         };
         // Before replying: the namespaces of what was just attached are served.
         self.rescan().await;
@@ -296,6 +324,7 @@ impl Daemon {
         }
         self.sync_watches();
         self.sync_netns();
+        self.agent.set_managed(self.manager.managed());
         if self.sweep_at.is_some_and(|t| Instant::now() >= t) {
             self.sweep_at = None;
             self.agent.sweep_unserved();

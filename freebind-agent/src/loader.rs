@@ -83,6 +83,8 @@ pub struct Maps {
     pub events_dropped: PerCpuArray<MapData, u64>,
     pub served_netns: AyaHashMap<MapData, u64, u8>,
     pub steer_maps: HashOfMaps<MapData, u64, MapData>,
+    /// `SOCK_STATE`, which `inet_diag` reads for the address events.
+    pub sock_state: MapData,
 }
 
 /// A program attached to the cgroup, kept so that [`Attachment`]'s drop can detach in a
@@ -100,6 +102,7 @@ pub struct Attachment {
     ebpf: Ebpf,
     logger: Option<Logger>,
     links: Vec<CgroupLink>,
+    map_ids: MapIds,
 }
 
 /// Where a load's maps come from.
@@ -115,6 +118,42 @@ pub enum MapPins<'a> {
     },
 }
 
+/// The maps each attachment has of its own (pinned with its programs): the policy and
+/// its decision counters.
+pub const POLICY_MAPS: [&str; 3] = [maps::ALLOW_V4, maps::ALLOW_V6, maps::DECISIONS];
+
+/// The size of `EVENTS` when the operator chose one (`--event-ring-bytes`).
+static EVENT_RING_BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Sizes the event ring buffer of every later load; a power of two, a multiple of the page
+/// size (the kernel's rule for BPF_MAP_TYPE_RINGBUF).
+pub fn set_event_ring_bytes(bytes: u32) -> Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    if !bytes.is_power_of_two() || bytes < page {
+        bail!(
+            "--event-ring-bytes {bytes}: must be a power of two of at least {page} (the page size)"
+        );
+    }
+    let _ = EVENT_RING_BYTES.set(bytes);
+    Ok(())
+}
+
+/// Ids of the maps `status` and the metrics read through a foreground agent's record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MapIds {
+    pub sock_state: u32,
+    pub decisions: u32,
+    pub events_dropped: u32,
+}
+
+fn map_id(ebpf: &Ebpf, name: &str) -> u32 {
+    match ebpf.map(name) {
+        Some(Map::PerCpuArray(m) | Map::SkStorage(m)) => m.info().map_or(0, |i| i.id()),
+        _ => 0,
+    }
+}
+
 /// `AYA_LOG_LEVEL` for a load: the eBPF side's aya-log statements cost microseconds each;
 /// the level global skips them in the kernel unless the agent itself logs at that level.
 fn loader(pins: MapPins<'_>) -> EbpfLoader<'static> {
@@ -122,12 +161,15 @@ fn loader(pins: MapPins<'_>) -> EbpfLoader<'static> {
     let level = LEVEL.get_or_init(|| log::max_level() as u8);
     let mut l = EbpfLoader::new();
     l.override_global(aya_log::LEVEL, level, false);
+    if let Some(&bytes) = EVENT_RING_BYTES.get() {
+        l.map_max_entries(maps::EVENTS, bytes);
+    }
     if let MapPins::Pinned { shared, policy } = pins {
         for name in crate::pin::SHARED_MAPS {
             l.map_pin_path(name, shared.join(name));
         }
         if let Some(dir) = policy {
-            for name in [maps::ALLOW_V4, maps::ALLOW_V6] {
+            for name in POLICY_MAPS {
                 l.map_pin_path(name, dir.join(name));
             }
         }
@@ -209,12 +251,21 @@ impl Attachment {
             )
         })?;
 
+        let map_ids = MapIds {
+            sock_state: map_id(&ebpf, maps::SOCK_STATE),
+            decisions: map_id(&ebpf, maps::DECISIONS),
+            events_dropped: map_id(&ebpf, maps::EVENTS_DROPPED),
+        };
         let maps = Maps {
             local_addrs: take_map(&mut ebpf, maps::LOCAL_ADDRS)?,
             events: take_map(&mut ebpf, maps::EVENTS)?,
             events_dropped: take_map(&mut ebpf, maps::EVENTS_DROPPED)?,
             served_netns: take_map(&mut ebpf, maps::SERVED_NETNS)?,
             steer_maps: take_map(&mut ebpf, maps::STEER_MAPS)?,
+            sock_state: match ebpf.take_map(maps::SOCK_STATE) {
+                Some(Map::SkStorage(m)) => m,
+                _ => bail!("the eBPF object has no sk_storage map {}", maps::SOCK_STATE),
+            },
         };
         let mut allow = AllowMaps {
             v4: take_map(&mut ebpf, maps::ALLOW_V4)?,
@@ -227,6 +278,7 @@ impl Attachment {
                 ebpf,
                 logger,
                 links: Vec::new(),
+                map_ids,
             },
             maps,
         ))
@@ -290,6 +342,26 @@ impl Attachment {
             .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
         prog.pin(path)
             .with_context(|| format!("pinning {name} at {}", path.display()))
+    }
+
+    pub fn map_ids(&self) -> MapIds {
+        self.map_ids
+    }
+
+    /// Kernel ids of the cgroup programs, in attach order.
+    pub fn program_ids(&self) -> Vec<u32> {
+        programs::CGROUP_ATTACH_ORDER
+            .iter()
+            .filter_map(|&name| {
+                let info = match self.ebpf.program(name)? {
+                    aya::programs::Program::CgroupSockAddr(p) => p.info(),
+                    aya::programs::Program::CgroupSockopt(p) => p.info(),
+                    aya::programs::Program::SockOps(p) => p.info(),
+                    _ => return None,
+                };
+                info.ok().map(|i| i.id())
+            })
+            .collect()
     }
 
     /// The aya-log reader, for the eBPF side's debug lines.

@@ -1,9 +1,9 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use freebind_agent::{
     commands::{self, StateOptions, Target},
-    paths, systemd,
+    logging, paths, systemd,
 };
 
 /// Gives every socket of a cgroup's processes IP_FREEBIND semantics, so services can bind
@@ -43,7 +43,7 @@ enum Command {
         #[arg(long = "netns", value_name = "NETNS")]
         netns: Vec<String>,
         #[command(flatten)]
-        metrics: MetricsArgs,
+        serve: ServeArgs,
     },
     /// The system-wide agent: attaches what its config and `attach` ask for, pinned so that
     /// it outlives the daemon, and watches addresses in every network namespace attached
@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, env = "FREEBIND_CONFIG", value_name = "PATH")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        metrics: MetricsArgs,
+        serve: ServeArgs,
     },
     /// Attach to a unit, cgroup or process, pinned: enforcement outlives this command. Sent
     /// to the running daemon; done here when none runs.
@@ -107,6 +107,8 @@ enum Command {
         /// serves as well as its own.
         #[arg(long = "netns", value_name = "NETNS")]
         netns: Option<String>,
+        #[command(flatten)]
+        serve: ServeArgs,
         /// The command and its arguments (after `--`).
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<OsString>,
@@ -167,10 +169,23 @@ enum Generated {
 }
 
 #[derive(Debug, clap::Args)]
-struct MetricsArgs {
+struct ServeArgs {
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9797).
     #[arg(long, env = "FREEBIND_METRICS_ADDR", value_name = "ADDR:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Size of the bind-event ring buffer (a power of two, at least a page). When it is
+    /// full, events are counted as dropped; binds are never slowed.
+    #[arg(long, env = "FREEBIND_EVENT_RING_BYTES", value_name = "BYTES", default_value_t = freebind_common::EVENTS_BYTES)]
+    event_ring_bytes: u32,
+}
+
+impl ServeArgs {
+    fn options(&self) -> commands::ServeOptions {
+        commands::ServeOptions {
+            metrics: self.metrics_addr,
+            event_ring_bytes: Some(self.event_ring_bytes),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,24 +203,82 @@ struct PolicyArgs {
 /// Completion scripts and man pages come from the definitions above, so they never drift
 /// from the parser.
 fn generate(what: &Generated) -> anyhow::Result<()> {
-    let _ = what;
-    anyhow::bail!("not built yet")
+    use anyhow::Context as _;
+    let cli = Cli::command();
+    match what {
+        Generated::Completion { shell } => {
+            let shell = match shell.as_str() {
+                "bash" => clap_complete::Shell::Bash,
+                "zsh" => clap_complete::Shell::Zsh,
+                "fish" => clap_complete::Shell::Fish,
+                other => anyhow::bail!("unknown shell {other:?} (bash, zsh or fish)"),
+            };
+            // clap_complete offers hidden subcommands too (clap-rs/clap#1335) and a Command
+            // cannot drop one: the root is re-assembled from the same arguments and the
+            // visible subcommands, so `hook` and `generate` stay unadvertised.
+            let mut visible = clap::Command::new("freebind-agent")
+                .version(env!("CARGO_PKG_VERSION"))
+                .about(cli.get_about().cloned().unwrap_or_default())
+                .subcommand_required(true)
+                .args(cli.get_arguments().cloned())
+                .subcommands(cli.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            // Into memory first: clap_complete panics when a write fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut visible, "freebind-agent", &mut script);
+            let mut script = String::from_utf8(script).context("the script is not UTF-8")?;
+            if shell == clap_complete::Shell::Bash {
+                // The bash script's dispatch loop spells a subcommand's state
+                // freebind__agent__subcmd__status, its case arms
+                // freebind__subcmd__agent__subcmd__status: no subcommand option ever
+                // completes for a binary with a hyphen (clap-rs/clap#6421, open).
+                script = script.replace("freebind__subcmd__agent__", "freebind__agent__");
+            }
+            std::io::Write::write_all(&mut std::io::stdout(), script.as_bytes())
+                .context("writing the completion script to stdout")?;
+        }
+        Generated::Man { dir } => {
+            /// The command and its visible subcommands, depth first: one page each.
+            fn pages(cmd: &clap::Command, out: &mut Vec<clap::Command>) {
+                out.push(cmd.clone());
+                for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                    pages(sub, out);
+                }
+            }
+            /// Non-ASCII as groff's `\[uXXXX]`: without preconv (`groff -k`, which man-db
+            /// runs but plain groff does not) troff reads its input as Latin-1, and the
+            /// UTF-8 of `✘` would be invalid input characters.
+            fn ascii(roff: &str) -> String {
+                roff.chars()
+                    .map(|c| match c {
+                        c if c.is_ascii() => c.to_string(),
+                        c => format!("\\[u{:04X}]", u32::from(c)),
+                    })
+                    .collect()
+            }
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // As clap_mangen::generate_to does: built (so subcommands are named
+            // freebind-agent-SUB), without the `help` subcommand and hidden ones.
+            let mut cli = cli.disable_help_subcommand(true);
+            cli.build();
+            let mut all = Vec::new();
+            pages(&cli, &mut all);
+            for cmd in all {
+                let man = clap_mangen::Man::new(cmd);
+                let path = dir.join(man.get_filename());
+                let mut roff = Vec::new();
+                man.render(&mut roff)
+                    .with_context(|| format!("rendering {}", path.display()))?;
+                std::fs::write(&path, ascii(&String::from_utf8_lossy(&roff)))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => log::LevelFilter::Info,
-        1 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    let mut logger = env_logger::Builder::new();
-    logger.filter_level(level);
-    if cli.verbose < 2 {
-        // aya's own debug lines (relocations, one per instruction patched) drown freebind's.
-        logger.filter_module("aya", log::LevelFilter::Info);
-    }
-    logger.parse_env("FREEBIND_LOG").format_target(false).init();
+    logging::init(cli.verbose);
 
     let state = StateOptions {
         dirs: paths::StateDirs::new(&cli.pin_dir, &cli.run_dir),
@@ -218,8 +291,8 @@ fn main() -> ExitCode {
         })
     };
     let result = match &cli.command {
-        Command::Daemon { config, metrics } => {
-            commands::daemon(&state, config.as_deref(), metrics.metrics_addr).map(|()| 0)
+        Command::Daemon { config, serve } => {
+            commands::daemon(&state, config.as_deref(), &serve.options()).map(|()| 0)
         }
         Command::Attach { target: t, policy } => print(commands::attach(
             &state,
@@ -235,20 +308,32 @@ fn main() -> ExitCode {
             cgroup,
             policy,
             netns,
-            metrics,
-        } => commands::run(cgroup, &policy.allow, netns, metrics.metrics_addr).map(|()| 0),
+            serve,
+        } => commands::run(&state, cgroup, &policy.allow, netns, &serve.options()).map(|()| 0),
         Command::Status { json } => print(commands::status(&state, *json)),
         Command::Events { json } => commands::events(&state, *json).map(|()| 0),
         Command::Check => commands::check(),
         Command::Generate { what } => generate(what).map(|()| 0),
-        Command::Exec { policy, netns, cmd } => {
-            commands::exec(cmd, &policy.allow, netns.as_deref())
-        }
+        Command::Exec {
+            policy,
+            netns,
+            serve,
+            cmd,
+        } => commands::exec(
+            &state,
+            cmd,
+            &policy.allow,
+            netns.as_deref(),
+            &serve.options(),
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("freebind-agent: error: {e:#}");
+            eprintln!(
+                "{}freebind-agent: error: {e:#}",
+                logging::stderr_prefix(log::Level::Error)
+            );
             ExitCode::FAILURE
         }
     }

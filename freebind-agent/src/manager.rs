@@ -57,13 +57,33 @@ pub struct Entry {
 /// An attachment's record in `RUN/attach/KEY`, as TOML.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Record {
-    unit: Option<String>,
-    cgroup: Option<String>,
+pub(crate) struct Record {
+    pub unit: Option<String>,
+    pub cgroup: Option<String>,
     #[serde(default)]
-    allow: Vec<String>,
-    origin: String,
-    pid: Option<u32>,
+    pub allow: Vec<String>,
+    pub origin: String,
+    pub pid: Option<u32>,
+}
+
+impl Record {
+    pub(crate) fn read(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path)?;
+        toml::from_str(&text).map_err(|e| anyhow!("{}", e.message()))
+    }
+
+    /// The selector it names, checked against the record's file name.
+    pub(crate) fn selector(&self, key: &str) -> Result<Selector> {
+        let selector = match (&self.unit, &self.cgroup) {
+            (Some(u), None) => Selector::Unit(u.clone()),
+            (None, Some(g)) => Selector::Cgroup(crate::selector::CgroupGlob::parse(g)?),
+            _ => bail!("a record names exactly one of unit or cgroup"),
+        };
+        if selector.key() != key {
+            bail!("its selector {selector} does not match its name");
+        }
+        Ok(selector)
+    }
 }
 
 pub struct Manager {
@@ -125,16 +145,8 @@ impl Manager {
     }
 
     fn adopt(&mut self, key: &str, path: &Path) -> Result<()> {
-        let text = fs::read_to_string(path)?;
-        let r: Record = toml::from_str(&text).map_err(|e| anyhow!("{}", e.message()))?;
-        let selector = match (r.unit, r.cgroup) {
-            (Some(u), None) => Selector::Unit(u),
-            (None, Some(g)) => Selector::Cgroup(crate::selector::CgroupGlob::parse(&g)?),
-            _ => bail!("a record names exactly one of unit or cgroup"),
-        };
-        if selector.key() != key {
-            bail!("its selector {selector} does not match its name");
-        }
+        let r = Record::read(path)?;
+        let selector = r.selector(key)?;
         let policy = Policy::parse(&r.allow)?;
         let origin = if r.origin == "config" {
             Origin::Config
@@ -515,7 +527,7 @@ impl Manager {
         for key in pinned::pinned_keys(&self.dirs) {
             match PinnedAttachment::open(&self.dirs, &key) {
                 Ok(p) => {
-                    walk_cgroups(self.cg.mount(), &mut |cg| {
+                    walk_cgroups(self.cg.mount(), &mut |_, cg| {
                         if let Err(e) = p.detach_legacy(cg) {
                             failures.push(format!("{e:#}"));
                         }
@@ -606,6 +618,19 @@ impl Manager {
             .collect()
     }
 
+    /// Every cgroup an attachment is attached to now, for the address events.
+    pub fn managed(&self) -> Vec<crate::status::ManagedCgroup> {
+        self.entries
+            .values()
+            .flat_map(|e| {
+                e.cgroups.values().map(|c| crate::status::ManagedCgroup {
+                    attachment: e.selector.to_string(),
+                    cgroup: c.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Processes whose network namespaces must be served: those in attached cgroups (and
     /// below), each unit's systemd, each `--pid`.
     pub fn netns_pids(&self) -> Vec<u32> {
@@ -622,7 +647,7 @@ impl Manager {
 }
 
 /// Pids in `dir` and its descendants.
-fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
+pub(crate) fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
     if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
         out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
     }
@@ -636,9 +661,9 @@ fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
 }
 
 /// Calls `f` with every cgroup directory below `mount`.
-fn walk_cgroups(dir: &Path, f: &mut dyn FnMut(&fs::File)) {
+pub(crate) fn walk_cgroups(dir: &Path, f: &mut dyn FnMut(&Path, &fs::File)) {
     if let Ok(cg) = fs::File::open(dir) {
-        f(&cg);
+        f(dir, &cg);
     }
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {

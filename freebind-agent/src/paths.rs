@@ -66,6 +66,12 @@ impl StateDirs {
     pub fn records(&self) -> PathBuf {
         self.run.join("attach")
     }
+
+    /// `RUN/foreground/PID`: what a foreground agent (`run`, `exec`) attached, for `status`
+    /// and the metrics; removed when it exits.
+    pub fn foreground(&self) -> PathBuf {
+        self.run.join("foreground")
+    }
 }
 
 /// bpffs refuses names with a dot (reserved for the kernel's own files, see bpf_lookup()

@@ -24,7 +24,7 @@ pub fn event_addr(ev: &BindEvent) -> IpAddr {
     }
 }
 
-fn comm(ev: &BindEvent) -> String {
+pub fn comm(ev: &BindEvent) -> String {
     let end = ev
         .comm
         .iter()

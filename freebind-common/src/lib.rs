@@ -26,6 +26,10 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// `PerCpuArray<u64>` with one slot: events lost because `EVENTS` was full.
     pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
+    /// `PerCpuArray<u64>` with [`crate::VERDICT_SLOTS`] slots, indexed by
+    /// [`crate::Verdict`]: this attachment's decisions, counted whether or not their event
+    /// fitted in `EVENTS`.
+    pub const DECISIONS: &str = "DECISIONS";
     /// `SkStorage<SockState>`: what freebind did to each socket.
     pub const SOCK_STATE: &str = "SOCK_STATE";
     /// `HashMap<u64, u8>`: cookies of the network namespaces whose addresses the agent
@@ -209,6 +213,10 @@ pub mod sock_flags {
     pub const STEERED: u32 = 1 << 2;
     /// A `connect()` from this parked socket was reported once already.
     pub const CONNECT_REPORTED: u32 = 1 << 3;
+    /// The socket was bound to an address that was not local then (natively freebind, by
+    /// freebind or by the application): `status` lists it whether or not the address has
+    /// come since.
+    pub const BOUND_ABSENT: u32 = 1 << 4;
 }
 
 /// Value of `SOCK_STATE`, the per-socket storage.
@@ -314,6 +322,21 @@ impl Verdict {
         })
     }
 
+    /// Every verdict, in value order.
+    pub const ALL: [Self; 11] = [
+        Self::Local,
+        Self::Freebind,
+        Self::Refused,
+        Self::NotFreebind,
+        Self::AppFreebind,
+        Self::OtherNetns,
+        Self::RefusedSource,
+        Self::Steered,
+        Self::NoParking,
+        Self::ParkedConnect,
+        Self::InUse,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Local => "local",
@@ -330,6 +353,9 @@ impl Verdict {
         }
     }
 }
+
+/// Slots of `DECISIONS`: one per [`Verdict`] value (slot 0 unused).
+pub const VERDICT_SLOTS: u32 = 16;
 
 /// One bind decision, written to the `EVENTS` ring buffer.
 #[repr(C)]
@@ -395,7 +421,9 @@ mod tests {
     fn verdicts_round_trip() {
         for v in 1..=11 {
             assert_eq!(Verdict::from_u8(v).unwrap() as u8, v);
+            assert_eq!(Verdict::ALL[v as usize - 1] as u8, v);
         }
+        assert!((Verdict::ALL.len() as u32) < VERDICT_SLOTS);
         assert!(Verdict::from_u8(0).is_none());
     }
 

@@ -87,10 +87,13 @@ fn decide(ctx: &SockAddrContext, addr: Addr, hook6: bool) -> i32 {
         Verdict::Steered => park(ctx, sk, &addr, netns_cookie, slot, hook6),
         Verdict::Refused | Verdict::NoParking | Verdict::InUse => false,
         _ => {
-            // A socket whose earlier bind was parked but failed (EADDRINUSE) and that now
-            // binds elsewhere is no longer steered.
-            if let Some(state) = sock::steered(sk) {
-                state.flags &= !sock_flags::STEERED;
+            // A socket whose earlier bind was parked (or freebind) but failed (EADDRINUSE)
+            // and that now binds elsewhere is judged by this bind alone.
+            if let Some(state) = sock::state(sk, false) {
+                state.flags &= !(sock_flags::STEERED | sock_flags::BOUND_ABSENT);
+                if matches!(verdict, Verdict::Freebind | Verdict::AppFreebind) {
+                    state.flags |= sock_flags::BOUND_ABSENT;
+                }
             }
             true
         }

@@ -6,6 +6,7 @@ use aya_ebpf::{
 use freebind_common::{
     BindEvent, LocalAddrKey, SlotKey, SockState, SteerKey, ALLOW_CAPACITY, EVENTS_BYTES,
     LOCAL_ADDRS_CAPACITY, PARKING_CAPACITY, SERVED_NETNS_CAPACITY, STEER_SOCKS_CAPACITY,
+    VERDICT_SLOTS,
 };
 
 const LOCAL_CAP: usize = LOCAL_ADDRS_CAPACITY as usize;
@@ -29,6 +30,11 @@ pub static EVENTS: RingBuf<BindEvent, EVENTS_SIZE> = RingBuf::new();
 
 #[btf_map]
 pub static EVENTS_DROPPED: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Per attachment (pinned with its policy), unlike the event ring: metrics by attachment
+/// come from here, and stay exact when events are dropped.
+#[btf_map]
+pub static DECISIONS: PerCpuArray<u64, { VERDICT_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();

@@ -2,6 +2,7 @@
 //! namespace is served, and the decision events.
 use core::{ffi::c_void, ptr};
 
+use aya_ebpf::btf_maps::PerCpuArray;
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid,
     generated::{bpf_get_current_cgroup_id, bpf_sk_storage_get},
@@ -10,7 +11,7 @@ use freebind_common::{sock_flags, BindEvent, SockState, Verdict, IPPROTO_UDP};
 
 use crate::{
     addr::Addr,
-    maps::{EVENTS, EVENTS_DROPPED, SERVED_NETNS, SOCK_STATE},
+    maps::{DECISIONS, EVENTS, EVENTS_DROPPED, SERVED_NETNS, SOCK_STATE},
     park,
 };
 
@@ -90,15 +91,22 @@ pub struct Report<'a> {
     pub netns_cookie: u64,
 }
 
-/// One event per decision. A full ring buffer never delays the syscall: the event is
-/// counted in EVENTS_DROPPED instead.
+/// Adds one to a per-CPU counter slot.
+#[inline(always)]
+fn count<const N: usize>(map: &PerCpuArray<u64, N>, slot: u32) {
+    if let Some(n) = map.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, this CPU only.
+        unsafe { *n += 1 };
+    }
+}
+
+/// One count and one event per decision. A full ring buffer never delays the syscall: the
+/// event is counted in EVENTS_DROPPED instead.
 #[inline(always)]
 pub fn report(r: Report) {
+    count(&DECISIONS, r.verdict as u32);
     let Some(mut entry) = EVENTS.reserve(0) else {
-        if let Some(dropped) = EVENTS_DROPPED.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, this CPU only.
-            unsafe { *dropped += 1 };
-        }
+        count(&EVENTS_DROPPED, 0);
         return;
     };
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);

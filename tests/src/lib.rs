@@ -38,7 +38,7 @@ pub use netns::{
 pub use process::{run_in, run_in_timeout, spawn_in, wait_for_log, Proc};
 pub use sandbox::{sandbox_root, Sandbox, SandboxBuilder, MIRROR_ENV, SANDBOX_ROOT};
 pub use tools::{
-    bpf_program_ids_at, bpf_programs_attached, bpf_programs_attached_at, ensure_tools,
-    require_root, tool,
+    bpf_program_ids_at, bpf_programs_attached, bpf_programs_attached_at, ensure_doc_tools,
+    ensure_metrics_tools, ensure_tools, require_root, tool,
 };
 pub use util::{unique_name, wait_until, TempDir};

@@ -84,6 +84,24 @@ pub fn ensure_tools() {
     ONCE.call_once(|| install_missing(TOOLS));
 }
 
+/// What the tests of the generated completion scripts and man pages run, with packages.
+const DOC_TOOLS: &[(&str, &str)] = &[("zsh", "zsh"), ("fish", "fish"), ("groff", "groff-base")];
+
+/// Makes sure `zsh`, `fish` and `groff` are present, as [`ensure_tools`] does for its
+/// tools: installed as root, a panic naming the packages otherwise (never a skip). Runs
+/// once per process.
+pub fn ensure_doc_tools() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| install_missing(DOC_TOOLS));
+}
+
+/// Makes sure `promtool` (Prometheus's own parser and linter of the exposition format) is
+/// present, as [`ensure_tools`] does for its tools. Runs once per process.
+pub fn ensure_metrics_tools() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| install_missing(&[("promtool", "prometheus")]));
+}
+
 /// Installs the Debian packages of the `(tool, package)` pairs whose tool is missing
 /// (`apt-get update`, then `apt-get install -y`, as root); panics with a clear message
 /// when something is still missing. Callers run it once per process.

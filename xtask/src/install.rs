@@ -1,6 +1,7 @@
-//! `cargo xtask install`: the release agent, its systemd unit and (when there is none) the
-//! example configuration, then `systemctl enable --now` where systemd runs the machine.
-//! With `--destdir` it only stages the files, for a package.
+//! `cargo xtask install`: the release agent, its systemd unit, (when there is none) the
+//! example configuration, its shell completions and man pages, then
+//! `systemctl enable --now` where systemd runs the machine. With `--destdir` it only
+//! stages the files, for a package.
 
 use std::{
     fs,
@@ -12,7 +13,13 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{build_steps::build, cmd::step, paths::Paths, setup::is_root};
+use crate::{
+    build_steps::build,
+    cmd::step,
+    docs::{self, Generated},
+    paths::Paths,
+    setup::is_root,
+};
 
 /// The unit as shipped: its paths name the default prefix, rewritten by [`render_unit`].
 const UNIT_TEMPLATE: &str = include_str!("../../deploy/systemd/freebind-agent.service");
@@ -28,7 +35,8 @@ const CONFIG_PATH: &str = "/etc/freebind/agent.toml";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Installation prefix: the agent goes to PREFIX/sbin/freebind-agent.
+    /// Installation prefix: the agent goes to PREFIX/sbin/freebind-agent, completions and
+    /// man pages below PREFIX/share.
     #[arg(long, value_name = "DIR", default_value = "/usr/local")]
     prefix: PathBuf,
     /// Stage every file below DIR instead of / (for packaging); runs no systemctl.
@@ -41,6 +49,7 @@ pub struct Options {
 
 pub fn run(paths: &Paths, options: &Options) -> Result<()> {
     // Everything that can be refused is refused before the build, which takes minutes.
+    let prefix = prefix_text(&options.prefix)?;
     let binary = agent_path(&options.prefix)?;
     let unit = render_unit(UNIT_TEMPLATE, &binary)?;
     if options.destdir.is_none() && !is_root() {
@@ -50,6 +59,7 @@ pub fn run(paths: &Paths, options: &Options) -> Result<()> {
         );
     }
     build(paths)?;
+    let docs = docs::generate(paths, &paths.docs)?;
 
     let staged = |path: &str| match &options.destdir {
         Some(destdir) => destdir.join(path.trim_start_matches('/')),
@@ -96,6 +106,11 @@ pub fn run(paths: &Paths, options: &Options) -> Result<()> {
             config_dest.display()
         );
         replace_file(&config_dest, EXAMPLE_CONFIG.as_bytes(), 0o644)?;
+    }
+
+    install_docs(&docs, &prefix, &staged)?;
+    if options.destdir.is_none() {
+        completion_hints(&prefix);
     }
 
     if let Some(destdir) = &options.destdir {
@@ -148,6 +163,12 @@ pub fn run(paths: &Paths, options: &Options) -> Result<()> {
 /// PREFIX/sbin/freebind-agent, refused when systemd would read the path differently on
 /// the ExecStart= line (spaces, quotes, `%` specifiers, `$` variables, escapes).
 fn agent_path(prefix: &Path) -> Result<String> {
+    Ok(format!("{}/sbin/freebind-agent", prefix_text(prefix)?))
+}
+
+/// The prefix as text without a trailing `/` (empty for `/`), refused as [`agent_path`]
+/// says.
+fn prefix_text(prefix: &Path) -> Result<String> {
     let Some(text) = prefix.to_str() else {
         bail!("--prefix {} is not UTF-8", prefix.display());
     };
@@ -160,10 +181,116 @@ fn agent_path(prefix: &Path) -> Result<String> {
     {
         bail!("--prefix {text:?}: {c:?} would need escaping in the unit's ExecStart=");
     }
-    Ok(format!(
-        "{}/sbin/freebind-agent",
-        text.trim_end_matches('/')
-    ))
+    Ok(text.trim_end_matches('/').to_owned())
+}
+
+/// The completion scripts and man pages `docs::generate` wrote, below PREFIX/share; the
+/// agent's pages there that it no longer writes (a subcommand gone) are removed.
+fn install_docs(docs: &Generated, prefix: &str, staged: &dyn Fn(&str) -> PathBuf) -> Result<()> {
+    for (completion, source) in &docs.completions {
+        let dest = staged(&format!("{prefix}/{}", completion.installed));
+        let bytes = fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+        if fs::read(&dest).is_ok_and(|old| old == bytes) {
+            println!("✔ {} is up to date", dest.display());
+        } else {
+            println!(
+                "→ installing the {} completion: {} → {}",
+                completion.shell,
+                source.display(),
+                dest.display()
+            );
+            replace_file(&dest, &bytes, 0o644)?;
+        }
+    }
+    let man_dir = staged(&format!("{prefix}/{}", docs::MAN_DIR));
+    let mut names = Vec::new();
+    let mut changed = Vec::new();
+    for page in &docs.man_pages {
+        let name = page.file_name().context("a man page without a name")?;
+        let bytes = fs::read(page).with_context(|| format!("reading {}", page.display()))?;
+        if replace_file(&man_dir.join(name), &bytes, 0o644)? {
+            changed.push(name.to_string_lossy());
+        }
+        names.push(name.to_owned());
+    }
+    if changed.is_empty() {
+        println!(
+            "✔ the {} man pages in {} are up to date",
+            names.len(),
+            man_dir.display()
+        );
+    } else {
+        println!(
+            "→ installed {} of {} man pages into {}: {}",
+            changed.len(),
+            names.len(),
+            man_dir.display(),
+            changed.join(", ")
+        );
+    }
+    for old in docs::man_pages(&man_dir)? {
+        if !old
+            .file_name()
+            .is_some_and(|n| names.iter().any(|m| m == n))
+        {
+            println!(
+                "→ removing {} (the agent no longer has that subcommand)",
+                old.display()
+            );
+            fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Says so when an installed completion is where this machine's zsh or fish does not
+/// look: Debian's zsh reads vendor-completions below /usr only (below /usr/local, its
+/// $fpath has site-functions), fish those of `$XDG_DATA_DIRS` (unset: /usr/share only).
+fn completion_hints(prefix: &str) {
+    let searched = |program: &str, script: &str| -> Option<Vec<PathBuf>> {
+        let out = Command::new(program)
+            .args(["-c", script])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(PathBuf::from)
+                .collect(),
+        )
+    };
+    for completion in docs::COMPLETIONS {
+        let installed = format!("{prefix}/{}", completion.installed);
+        let Some(dir) = Path::new(&installed).parent() else {
+            continue;
+        };
+        let (script, variable, remedy) = match completion.shell {
+            "zsh" => (
+                "print -rl -- $fpath",
+                "$fpath",
+                format!(
+                    "add `fpath+=({})` before compinit in ~/.zshrc",
+                    dir.display()
+                ),
+            ),
+            "fish" => (
+                "printf '%s\\n' $__fish_vendor_completionsdirs",
+                "$__fish_vendor_completionsdirs, from $XDG_DATA_DIRS",
+                format!("add {prefix}/share to XDG_DATA_DIRS"),
+            ),
+            _ => continue,
+        };
+        if searched(completion.shell, script).is_some_and(|dirs| !dirs.iter().any(|d| d == dir)) {
+            println!(
+                "note: {} here does not look in {} ({variable}): {remedy} (or install with \
+                 --prefix /usr)",
+                completion.shell,
+                dir.display()
+            );
+        }
+    }
 }
 
 /// The unit with every mention of the template's agent path (ExecStart=,

@@ -6,6 +6,7 @@ mod bench;
 mod build_steps;
 mod cmd;
 mod demo;
+mod docs;
 mod install;
 mod paths;
 mod setup;
@@ -41,7 +42,11 @@ enum Command {
     Test(test::Options),
     /// Build the agent and run the demo.
     Demo,
-    /// Build the agent and install it with its systemd unit and example configuration.
+    /// Build the agent and write its shell completions and man pages (generated from its
+    /// command line definitions) into target/docs.
+    Docs(docs::Options),
+    /// Build the agent and install it with its systemd unit, example configuration,
+    /// shell completions and man pages.
     Install(install::Options),
     /// Build the agent and run the benchmarks.
     Bench {
@@ -78,6 +83,7 @@ fn dispatch() -> anyhow::Result<()> {
             build_steps::build(&paths)?;
             demo::run(&paths)
         }
+        Command::Docs(options) => docs::run(&paths, &options),
         Command::Install(options) => install::run(&paths, &options),
         Command::Bench { args } => {
             build_steps::build(&paths)?;

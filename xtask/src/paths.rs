@@ -10,6 +10,8 @@ pub struct Paths {
     pub ebpf_object: PathBuf,
     /// The release agent binary (absolute).
     pub agent: PathBuf,
+    /// Generated completion scripts and man pages (`cargo xtask docs`), absolute.
+    pub docs: PathBuf,
 }
 
 impl Paths {
@@ -26,11 +28,13 @@ impl Paths {
             .map(|dir| root.join(dir))
             .unwrap_or_else(|| root.join("target"));
         let agent = target_dir.join("release/freebind-agent");
+        let docs = target_dir.join("docs");
         Self {
             root,
             ebpf_crate,
             ebpf_object,
             agent,
+            docs,
         }
     }
 }
