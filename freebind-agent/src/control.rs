@@ -1,6 +1,6 @@
 //! The daemon's control socket: `attach` and `detach` run by an operator while the daemon
 //! holds the state lock are sent there, one request and one reply per connection, each a
-//! single line of tab-separated fields.
+//! single line of tab-separated fields; `events` gets a stream of JSON lines instead.
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,

@@ -265,6 +265,8 @@ impl Daemon {
             Err(e) => Err(anyhow::anyhow!("{e:#}")),
         };
         match &result {
+            // `status` and every metrics scrape ask whether a daemon is there.
+            Ok(m) if matches!(req, Ok(Request::Ping)) => log::debug!("control: ping: {m}"),
             Ok(m) => log::info!("control: {m}"),
             Err(e) => log::warn!("control: {e:#}"),
         }

@@ -1,38 +1,119 @@
 //! What the agent needs from the running kernel and process, checked before anything is
 //! changed, so that a missing piece is named instead of surfacing as a verifier error.
+//!
+//! [`REQUIREMENTS`] and [`PRIVILEGES`] are written once for both readers: the agent refuses
+//! to start at the first one missing ([`check_features`], [`check_privileges`]), and
+//! `freebind-agent check` shows every one of them, with what to do.
 use std::{
-    fs, io, mem,
+    fmt, fs, io, mem,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    sync::OnceLock,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// A capability freebind uses (or a choice of capabilities, any of which will do).
+#[derive(Debug, Clone, Copy)]
+pub struct Privilege {
+    /// How the refusal to start and `check` name it.
+    pub name: &'static str,
+    any_of: &'static [u32],
+    /// What freebind does with it.
+    pub why: &'static str,
+    /// What to grant instead of running as root.
+    pub grant: &'static str,
+    /// Without it the agent refuses to start; without the others it does less.
+    pub required: bool,
+}
+
+// CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON: kernels before 5.8 know only it, and
+// the agent needs it anyway (SETNS), so it is what to grant (README's privileges table).
+const COVERED: &str = "CAP_SYS_ADMIN (it covers this, and setns() needs it anyway)";
+const LOAD: Privilege = Privilege {
+    name: "CAP_BPF (or CAP_SYS_ADMIN)",
+    any_of: &[CAP_BPF, CAP_SYS_ADMIN],
+    why: "loading programs and creating maps",
+    grant: COVERED,
+    required: true,
+};
+const PERFMON: Privilege = Privilege {
+    name: "CAP_PERFMON (or CAP_SYS_ADMIN)",
+    any_of: &[CAP_PERFMON, CAP_SYS_ADMIN],
+    why: "loading iter/udp, a tracing program",
+    grant: COVERED,
+    required: true,
+};
+const NET_ADMIN: Privilege = Privilege {
+    name: "CAP_NET_ADMIN",
+    any_of: &[CAP_NET_ADMIN],
+    why: "cgroup, sockops and sk_lookup programs, SOCKHASH maps, parking addresses on lo",
+    grant: "CAP_NET_ADMIN",
+    required: true,
+};
+// Netns::run enters even the agent's own namespace with setns(), which takes CAP_SYS_ADMIN
+// whatever the namespace (measured: without it `exec` fails there).
+const SETNS: Privilege = Privilege {
+    name: "CAP_SYS_ADMIN",
+    any_of: &[CAP_SYS_ADMIN],
+    why: "setns() into the network namespaces the agent serves, its own included",
+    grant: "CAP_SYS_ADMIN",
+    required: true,
+};
+const PTRACE: Privilege = Privilege {
+    name: "CAP_SYS_PTRACE",
+    any_of: &[CAP_SYS_PTRACE],
+    why: "/proc/PID/ns/net of other users' processes (without it, their namespaces are not \
+          served)",
+    grant: "CAP_SYS_PTRACE",
+    required: false,
+};
+
+/// Every capability freebind uses, as README's privileges table explains them.
+pub const PRIVILEGES: [Privilege; 5] = [LOAD, PERFMON, NET_ADMIN, SETNS, PTRACE];
+
+/// A process's effective capability set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps(u64);
+
+impl Caps {
+    /// This process's (`CapEff:` in /proc/self/status).
+    pub fn effective() -> Result<Self> {
+        let status =
+            fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+        Ok(Self::from_status(&status))
+    }
+
+    pub(crate) fn from_status(status: &str) -> Self {
+        Self(
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0),
+        )
+    }
+
+    pub fn has(self, p: &Privilege) -> bool {
+        p.any_of.iter().any(|&cap| self.0 & (1u64 << cap) != 0)
+    }
+}
+
 /// Refuses to go on without the capabilities that loading and attaching cgroup programs
 /// take: CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN, which kernels before 5.8 require) and
-/// CAP_NET_ADMIN.
+/// CAP_NET_ADMIN; and CAP_SYS_ADMIN itself for setns().
 pub fn check_privileges() -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_SYS_ADMIN) && !has(CAP_BPF) {
-        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
-    }
-    if !has(CAP_SYS_ADMIN) && !has(CAP_PERFMON) {
-        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
-    }
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN");
-    }
+    let caps = Caps::effective()?;
+    let missing: Vec<&str> = PRIVILEGES
+        .iter()
+        .filter(|p| p.required && !caps.has(p))
+        .map(|p| p.name)
+        .collect();
     if !missing.is_empty() {
         // SAFETY: geteuid cannot fail.
         let uid = unsafe { libc::geteuid() };
@@ -81,160 +162,530 @@ pub fn raise_memlock() {
 }
 
 // Kernel ABI numbers (include/uapi/linux/bpf.h).
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const PROG_SOCK_OPS: u32 = 13;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_CGROUP_SOCKOPT: u32 = 25;
-const PROG_SOCK_OPS: u32 = 13;
+const PROG_TRACING: u32 = 26;
 const PROG_SK_LOOKUP: u32 = 30;
 const ATTACH_SOCK_OPS: u32 = 3;
 const ATTACH_INET4_BIND: u32 = 8;
+const ATTACH_INET6_BIND: u32 = 9;
 const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_INET6_CONNECT: u32 = 11;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
 const ATTACH_UDP6_SENDMSG: u32 = 15;
 const ATTACH_SETSOCKOPT: u32 = 22;
+const ATTACH_TRACE_ITER: u32 = 28;
 const ATTACH_INET4_GETSOCKNAME: u32 = 31;
+const ATTACH_INET6_GETSOCKNAME: u32 = 32;
 const ATTACH_SK_LOOKUP: u32 = 36;
+const MAP_HASH: u32 = 1;
+const MAP_PERCPU_ARRAY: u32 = 6;
+const MAP_LPM_TRIE: u32 = 11;
 const MAP_HASH_OF_MAPS: u32 = 13;
 const MAP_SOCKHASH: u32 = 18;
-const MAP_LPM_TRIE: u32 = 11;
+const MAP_SK_STORAGE: u32 = 24;
 const MAP_RINGBUF: u32 = 27;
+const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// A `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` hook.
-const fn sock_addr(section: &'static str, attach_type: u32, since: &'static str) -> Hook {
-    Hook {
-        name: section,
-        prog_type: PROG_CGROUP_SOCK_ADDR,
-        attach_type,
-        since,
+/// Where the kernel exposes its own BTF (Linux 5.4, CONFIG_DEBUG_INFO_BTF).
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// A Linux release as far as features go: major and minor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Release(pub u32, pub u32);
+
+impl Release {
+    /// The release a `uname -r` string starts with (`6.18.44-fc-v669` is 6.18).
+    pub fn parse(uname: &str) -> Option<Self> {
+        let mut numbers = uname.split(|c: char| !c.is_ascii_digit());
+        Some(Self(
+            numbers.next()?.parse().ok()?,
+            numbers.next()?.parse().ok()?,
+        ))
     }
 }
 
+impl fmt::Display for Release {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn running_release() -> Result<String> {
+    // SAFETY: uname fills the zeroed struct; its fields are NUL-terminated.
+    let mut uts: libc::utsname = unsafe { mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return Err(io::Error::last_os_error()).context("uname");
+    }
+    // SAFETY: see above.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+    Ok(release.to_string_lossy().into_owned())
+}
+
 /// A program type with the attach type freebind uses it with.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Hook {
-    name: &'static str,
+    /// The ELF section (libbpf's name for the pair).
+    section: &'static str,
+    prog_type_name: &'static str,
+    attach_type_name: &'static str,
     prog_type: u32,
     attach_type: u32,
-    since: &'static str,
+    /// The vmlinux function the program attaches to, for types that attach by BTF id.
+    btf_func: Option<&'static str>,
+    since: Release,
+    /// What loading it takes.
+    needs: &'static [Privilege],
+}
+
+impl Hook {
+    fn full_name(&self) -> String {
+        format!("{} ({})", self.section, self.prog_type_name)
+    }
+}
+
+/// A `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` hook.
+const fn sock_addr(
+    section: &'static str,
+    attach_type_name: &'static str,
+    attach_type: u32,
+    since: Release,
+) -> Hook {
+    Hook {
+        section,
+        prog_type_name: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR",
+        attach_type_name,
+        prog_type: PROG_CGROUP_SOCK_ADDR,
+        attach_type,
+        btf_func: None,
+        since,
+        needs: &[LOAD, NET_ADMIN],
+    }
 }
 
 const BIND4: Hook = sock_addr(
-    "cgroup/bind4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    "cgroup/bind4",
+    "BPF_CGROUP_INET4_BIND",
     ATTACH_INET4_BIND,
-    "4.17",
+    Release(4, 17),
 );
-const SENDMSG6: Hook = sock_addr(
-    "cgroup/sendmsg6 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    ATTACH_UDP6_SENDMSG,
-    "4.18",
-);
-const SETSOCKOPT: Hook = Hook {
-    name: "cgroup/setsockopt (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
-    prog_type: PROG_CGROUP_SOCKOPT,
-    attach_type: ATTACH_SETSOCKOPT,
-    since: "5.3",
-};
-const SENDMSG4: Hook = sock_addr(
-    "cgroup/sendmsg4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-    ATTACH_UDP4_SENDMSG,
-    "4.18",
+const BIND6: Hook = sock_addr(
+    "cgroup/bind6",
+    "BPF_CGROUP_INET6_BIND",
+    ATTACH_INET6_BIND,
+    Release(4, 17),
 );
 const CONNECT4: Hook = sock_addr(
-    "cgroup/connect4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    "cgroup/connect4",
+    "BPF_CGROUP_INET4_CONNECT",
     ATTACH_INET4_CONNECT,
-    "4.17",
+    Release(4, 17),
+);
+const CONNECT6: Hook = sock_addr(
+    "cgroup/connect6",
+    "BPF_CGROUP_INET6_CONNECT",
+    ATTACH_INET6_CONNECT,
+    Release(4, 17),
+);
+const SENDMSG4: Hook = sock_addr(
+    "cgroup/sendmsg4",
+    "BPF_CGROUP_UDP4_SENDMSG",
+    ATTACH_UDP4_SENDMSG,
+    Release(4, 18),
+);
+const SENDMSG6: Hook = sock_addr(
+    "cgroup/sendmsg6",
+    "BPF_CGROUP_UDP6_SENDMSG",
+    ATTACH_UDP6_SENDMSG,
+    Release(4, 18),
 );
 const GETSOCKNAME4: Hook = sock_addr(
-    "cgroup/getsockname4 (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+    "cgroup/getsockname4",
+    "BPF_CGROUP_INET4_GETSOCKNAME",
     ATTACH_INET4_GETSOCKNAME,
-    "5.8",
+    Release(5, 8),
 );
+const GETSOCKNAME6: Hook = sock_addr(
+    "cgroup/getsockname6",
+    "BPF_CGROUP_INET6_GETSOCKNAME",
+    ATTACH_INET6_GETSOCKNAME,
+    Release(5, 8),
+);
+const SETSOCKOPT: Hook = Hook {
+    section: "cgroup/setsockopt",
+    prog_type_name: "BPF_PROG_TYPE_CGROUP_SOCKOPT",
+    attach_type_name: "BPF_CGROUP_SETSOCKOPT",
+    prog_type: PROG_CGROUP_SOCKOPT,
+    attach_type: ATTACH_SETSOCKOPT,
+    btf_func: None,
+    since: Release(5, 3),
+    needs: &[LOAD, NET_ADMIN],
+};
 const SOCK_OPS: Hook = Hook {
-    name: "sockops (BPF_PROG_TYPE_SOCK_OPS)",
+    section: "sockops",
+    prog_type_name: "BPF_PROG_TYPE_SOCK_OPS",
+    attach_type_name: "BPF_CGROUP_SOCK_OPS",
     prog_type: PROG_SOCK_OPS,
     attach_type: ATTACH_SOCK_OPS,
-    since: "4.13",
+    btf_func: None,
+    since: Release(4, 13),
+    needs: &[LOAD, NET_ADMIN],
 };
 const SK_LOOKUP: Hook = Hook {
-    name: "sk_lookup (BPF_PROG_TYPE_SK_LOOKUP)",
+    section: "sk_lookup",
+    prog_type_name: "BPF_PROG_TYPE_SK_LOOKUP",
+    attach_type_name: "BPF_SK_LOOKUP",
     prog_type: PROG_SK_LOOKUP,
     attach_type: ATTACH_SK_LOOKUP,
-    since: "5.9",
+    btf_func: None,
+    since: Release(5, 9),
+    needs: &[LOAD, NET_ADMIN],
+};
+const ITER_UDP: Hook = Hook {
+    section: "iter/udp",
+    prog_type_name: "BPF_PROG_TYPE_TRACING",
+    attach_type_name: "BPF_TRACE_ITER",
+    prog_type: PROG_TRACING,
+    attach_type: ATTACH_TRACE_ITER,
+    btf_func: Some("bpf_iter_udp"),
+    since: Release(5, 9),
+    needs: &[LOAD, PERFMON],
 };
 
-/// (hook, helper name, helper id, the Linux release that brought it there when known)
-const HELPERS: &[(Hook, &str, i32, &str)] = &[
-    (SETSOCKOPT, "bpf_setsockopt", 49, "a newer kernel"),
-    (SETSOCKOPT, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (SETSOCKOPT, "bpf_get_netns_cookie", 122, "a newer kernel"),
-    (SENDMSG6, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (BIND4, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (BIND4, "bpf_get_netns_cookie", 122, "Linux 5.7 or later"),
-    (BIND4, "bpf_set_retval", 187, "Linux 5.18 or later"),
-    (BIND4, "bpf_ringbuf_reserve", 131, "Linux 5.8 or later"),
-    (BIND4, "bpf_get_current_comm", 16, "a newer kernel"),
-    (BIND4, "bpf_get_current_cgroup_id", 80, "a newer kernel"),
-    (BIND4, "bpf_sk_lookup_tcp", 84, "Linux 5.2 or later"),
-    (BIND4, "bpf_sk_lookup_udp", 85, "Linux 5.2 or later"),
-    (SENDMSG4, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (CONNECT4, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (GETSOCKNAME4, "bpf_sk_storage_get", 107, "a newer kernel"),
-    (SOCK_OPS, "bpf_sk_storage_get", 107, "Linux 5.11 or later"),
-    (SOCK_OPS, "bpf_sock_hash_update", 70, "a newer kernel"),
-    (SK_LOOKUP, "bpf_sk_assign", 124, "Linux 5.9 or later"),
-    (SK_LOOKUP, "bpf_sk_release", 86, "Linux 5.9 or later"),
+/// Which part of `check`'s table a requirement is shown in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Kernel,
+    Program,
+    Helper,
+    Map,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    Btf,
+    NetnsCookie,
+    Program(Hook),
+    /// (hook, helper name, helper id)
+    Helper(Hook, &'static str, i32),
+    Map(MapProbe),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MapProbe {
+    Plain {
+        map_type: u32,
+        key: u32,
+        value: u32,
+        flags: u32,
+    },
+    /// Its size must be a power-of-two multiple of the page size.
+    RingBuf,
+    /// Creating one takes BTF for its value.
+    SkStorage,
+    /// A hash of maps holding maps of `inner` type.
+    HashOfMaps { inner: u32, key: u32, value: u32 },
+}
+
+/// One thing freebind uses from the kernel: what it is, the release that brought it, how
+/// to find out whether this kernel has it, and what to do when it does not.
+#[derive(Debug, Clone, Copy)]
+pub struct Requirement {
+    pub kind: Kind,
+    /// The release that brought it (to the program type, for a helper).
+    pub since: Release,
+    /// The row's name for the kinds whose probe does not name them.
+    name: &'static str,
+    /// What it is or what freebind does with it, where the name does not say.
+    about: &'static str,
+    probe: Probe,
+    /// What to do besides a recent enough kernel, where that is not all.
+    remedy: Option<&'static str>,
+    /// What probing it takes.
+    needs: &'static [Privilege],
+}
+
+const fn program(hook: Hook) -> Requirement {
+    Requirement {
+        kind: Kind::Program,
+        since: hook.since,
+        name: "",
+        about: "",
+        probe: Probe::Program(hook),
+        remedy: None,
+        needs: hook.needs,
+    }
+}
+
+const fn helper(hook: Hook, name: &'static str, id: i32, since: Release) -> Requirement {
+    Requirement {
+        kind: Kind::Helper,
+        since,
+        name: "",
+        about: "",
+        probe: Probe::Helper(hook, name, id),
+        remedy: None,
+        needs: hook.needs,
+    }
+}
+
+const fn map(
+    name: &'static str,
+    about: &'static str,
+    probe: MapProbe,
+    since: Release,
+    needs: &'static [Privilege],
+) -> Requirement {
+    Requirement {
+        kind: Kind::Map,
+        since,
+        name,
+        about,
+        probe: Probe::Map(probe),
+        remedy: None,
+        needs,
+    }
+}
+
+const fn plain(map_type: u32, key: u32, value: u32, flags: u32) -> MapProbe {
+    MapProbe::Plain {
+        map_type,
+        key,
+        value,
+        flags,
+    }
+}
+
+const NETNS_COOKIE: Requirement = Requirement {
+    kind: Kind::Kernel,
+    since: Release(5, 14),
+    name: "SO_NETNS_COOKIE",
+    about: "which network namespace a socket is in",
+    probe: Probe::NetnsCookie,
+    remedy: None,
+    needs: &[],
+};
+
+/// Everything freebind uses from the kernel, in the order the agent checks it at start.
+/// Helpers are listed per program type (availability is per type, and for the sockopt
+/// hooks per attach type); a release in `since` is when the kernel allowed that helper
+/// there, not when the helper first appeared.
+pub const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        kind: Kind::Kernel,
+        since: Release(5, 4),
+        name: "BTF",
+        about: VMLINUX_BTF,
+        probe: Probe::Btf,
+        remedy: Some("a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
+        needs: &[],
+    },
+    NETNS_COOKIE,
+    program(BIND4),
+    program(BIND6),
+    program(CONNECT4),
+    program(CONNECT6),
+    program(SENDMSG4),
+    program(SENDMSG6),
+    program(GETSOCKNAME4),
+    program(GETSOCKNAME6),
+    program(SETSOCKOPT),
+    program(SOCK_OPS),
+    program(SK_LOOKUP),
+    program(ITER_UDP),
+    helper(SETSOCKOPT, "bpf_setsockopt", 49, Release(5, 15)),
+    helper(SETSOCKOPT, "bpf_sk_storage_get", 107, Release(5, 3)),
+    helper(SETSOCKOPT, "bpf_get_netns_cookie", 122, Release(5, 15)),
+    helper(BIND4, "bpf_sk_storage_get", 107, Release(5, 3)),
+    helper(BIND4, "bpf_get_netns_cookie", 122, Release(5, 7)),
+    helper(BIND4, "bpf_set_retval", 187, Release(5, 18)),
+    helper(BIND4, "bpf_ringbuf_reserve", 131, Release(5, 8)),
+    helper(BIND4, "bpf_get_current_comm", 16, Release(5, 7)),
+    helper(BIND4, "bpf_get_current_pid_tgid", 14, Release(5, 7)),
+    helper(BIND4, "bpf_get_current_cgroup_id", 80, Release(5, 7)),
+    helper(BIND4, "bpf_sk_lookup_tcp", 84, Release(5, 2)),
+    helper(BIND4, "bpf_sk_lookup_udp", 85, Release(5, 2)),
+    helper(BIND4, "bpf_sk_release", 86, Release(5, 2)),
+    helper(SENDMSG4, "bpf_sk_storage_get", 107, Release(5, 3)),
+    helper(SENDMSG6, "bpf_sk_storage_get", 107, Release(5, 3)),
+    helper(CONNECT4, "bpf_sk_storage_get", 107, Release(5, 3)),
+    helper(GETSOCKNAME4, "bpf_sk_storage_get", 107, Release(5, 8)),
+    helper(SOCK_OPS, "bpf_sk_storage_get", 107, Release(5, 11)),
+    helper(SOCK_OPS, "bpf_sock_hash_update", 70, Release(4, 18)),
+    helper(SK_LOOKUP, "bpf_sk_assign", 124, Release(5, 9)),
+    helper(SK_LOOKUP, "bpf_sk_release", 86, Release(5, 9)),
+    // Tracing programs may use socket storage since 5.11, and update a SOCKHASH from an
+    // iterator since 5.10; the probe sees only the first (the helper is older).
+    helper(ITER_UDP, "bpf_sk_storage_get", 107, Release(5, 11)),
+    helper(ITER_UDP, "bpf_map_update_elem", 2, Release(5, 10)),
+    map(
+        "BPF_MAP_TYPE_HASH",
+        "",
+        plain(MAP_HASH, 8, 1, 0),
+        Release(3, 19),
+        &[LOAD],
+    ),
+    map(
+        "BPF_MAP_TYPE_PERCPU_ARRAY",
+        "",
+        plain(MAP_PERCPU_ARRAY, 4, 8, 0),
+        Release(4, 6),
+        &[LOAD],
+    ),
+    map(
+        "BPF_MAP_TYPE_LPM_TRIE",
+        "",
+        plain(MAP_LPM_TRIE, 8, 1, BPF_F_NO_PREALLOC),
+        Release(4, 11),
+        &[LOAD],
+    ),
+    map(
+        "BPF_MAP_TYPE_HASH_OF_MAPS",
+        "",
+        MapProbe::HashOfMaps {
+            inner: MAP_HASH,
+            key: 8,
+            value: 1,
+        },
+        Release(4, 12),
+        &[LOAD],
+    ),
+    map(
+        "BPF_MAP_TYPE_SOCKHASH",
+        "",
+        plain(MAP_SOCKHASH, 20, 8, 0),
+        Release(4, 18),
+        &[LOAD, NET_ADMIN],
+    ),
+    map(
+        "BPF_MAP_TYPE_SK_STORAGE",
+        "",
+        MapProbe::SkStorage,
+        Release(5, 2),
+        &[LOAD],
+    ),
+    map(
+        "BPF_MAP_TYPE_RINGBUF",
+        "",
+        MapProbe::RingBuf,
+        Release(5, 8),
+        &[LOAD],
+    ),
+    // Steer mode reaches each namespace's SOCKHASH through a hash of maps.
+    map(
+        "BPF_MAP_TYPE_SOCKHASH in a BPF_MAP_TYPE_HASH_OF_MAPS",
+        "steer mode's per-namespace steering maps",
+        MapProbe::HashOfMaps {
+            inner: MAP_SOCKHASH,
+            key: 20,
+            value: 8,
+        },
+        Release(5, 10),
+        &[LOAD, NET_ADMIN],
+    ),
 ];
 
-/// (map type name, type, key size, value size, max entries, flags, Linux release)
-const MAPS: &[(&str, u32, u32, u32, u32, u32, &str)] = &[
-    // LPM tries must be BPF_F_NO_PREALLOC (1).
-    ("BPF_MAP_TYPE_LPM_TRIE", MAP_LPM_TRIE, 8, 1, 1, 1, "4.11"),
-    ("BPF_MAP_TYPE_SOCKHASH", MAP_SOCKHASH, 20, 8, 1, 0, "4.18"),
-];
+/// The oldest Linux release that has everything freebind uses.
+pub fn oldest_release() -> Release {
+    REQUIREMENTS
+        .iter()
+        .map(|r| r.since)
+        .max()
+        .expect("REQUIREMENTS is not empty")
+}
+
+impl Requirement {
+    /// Its row in `check`: `cgroup/bind4`, `bpf_set_retval in cgroup/bind4`,
+    /// `BPF_MAP_TYPE_LPM_TRIE`.
+    pub fn name(&self) -> String {
+        match self.probe {
+            Probe::Program(hook) => hook.section.to_string(),
+            Probe::Helper(hook, helper, _) => format!("{helper} in {}", hook.section),
+            _ => self.name.to_string(),
+        }
+    }
+
+    /// What `check` says of it besides its name.
+    pub fn detail(&self) -> String {
+        let about = match self.probe {
+            Probe::Program(hook) => format!("{}, {}", hook.prog_type_name, hook.attach_type_name),
+            _ => self.about.to_string(),
+        };
+        if about.is_empty() {
+            format!("Linux {}", self.since)
+        } else {
+            format!("{about}; Linux {}", self.since)
+        }
+    }
+
+    /// What a kernel needs to have it.
+    pub fn remedy(&self) -> String {
+        match self.remedy {
+            Some(r) => format!("{r}, Linux {} or later", self.since),
+            None => format!("Linux {} or later", self.since),
+        }
+    }
+
+    /// The refusal to start when this kernel lacks it: one line naming it.
+    pub fn missing(&self) -> String {
+        let remedy = self.remedy();
+        match self.probe {
+            Probe::Btf => format!(
+                "this kernel exposes no BTF at {VMLINUX_BTF} (iter/udp attaches by BTF id; \
+                 needs {remedy})"
+            ),
+            Probe::NetnsCookie => format!("this kernel lacks SO_NETNS_COOKIE ({remedy})"),
+            Probe::Program(hook) => format!(
+                "this kernel lacks the {} program type ({remedy})",
+                hook.full_name()
+            ),
+            Probe::Helper(hook, helper, _) => format!(
+                "this kernel does not allow {helper} in {} programs (needs {remedy})",
+                hook.full_name()
+            ),
+            Probe::Map(MapProbe::HashOfMaps {
+                inner: MAP_SOCKHASH,
+                ..
+            }) => format!(
+                "this kernel does not take a BPF_MAP_TYPE_SOCKHASH inside a \
+                 BPF_MAP_TYPE_HASH_OF_MAPS (steer mode needs it; {remedy})"
+            ),
+            Probe::Map(_) => format!("this kernel lacks {} maps ({remedy})", self.name),
+        }
+    }
+
+    /// The privileges probing it takes that `caps` lacks: it cannot be probed without them.
+    pub fn unprobeable(&self, caps: Caps) -> Vec<Privilege> {
+        self.needs
+            .iter()
+            .filter(|p| !caps.has(p))
+            .copied()
+            .collect()
+    }
+
+    /// Whether this kernel has it.
+    pub fn probe(&self) -> Result<bool> {
+        Ok(match self.probe {
+            Probe::Btf => std::path::Path::new(VMLINUX_BTF).exists(),
+            Probe::NetnsCookie => probe_netns_cookie()?,
+            Probe::Program(hook) => probe_program(hook, None)?,
+            Probe::Helper(hook, _, id) => probe_program(hook, Some(id))?,
+            Probe::Map(m) => probe_map(m),
+        })
+    }
+}
 
 /// Checks every program type, helper and map type freebind loads, naming the first one
 /// this kernel lacks.
 pub fn check_features() -> Result<()> {
-    for hook in [
-        BIND4,
-        SENDMSG6,
-        SETSOCKOPT,
-        SENDMSG4,
-        CONNECT4,
-        GETSOCKNAME4,
-        SOCK_OPS,
-        SK_LOOKUP,
-    ] {
-        if !probe_program(hook, None)? {
-            bail!(
-                "this kernel lacks the {} program type (Linux {} or later)",
-                hook.name,
-                hook.since
-            );
+    for r in REQUIREMENTS {
+        if !r.probe()? {
+            bail!("{}", r.missing());
         }
-    }
-    for &(hook, helper, id, since) in HELPERS {
-        if !probe_program(hook, Some(id))? {
-            bail!(
-                "this kernel does not allow {helper} in {} programs (needs {since})",
-                hook.name
-            );
-        }
-    }
-    for &(name, ty, key, value, max, flags, since) in MAPS {
-        if !probe_map(ty, key, value, max, flags) {
-            bail!("this kernel lacks {name} maps (Linux {since} or later)");
-        }
-    }
-    // A ring buffer's size must be a power-of-two multiple of the page size.
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
-    if !probe_map(MAP_RINGBUF, 0, 0, page, 0) {
-        bail!("this kernel lacks BPF_MAP_TYPE_RINGBUF maps (Linux 5.8 or later)");
-    }
-    if !probe_sockhash_in_hash_of_maps() {
-        bail!("this kernel does not take a BPF_MAP_TYPE_SOCKHASH inside a BPF_MAP_TYPE_HASH_OF_MAPS (steer mode needs it; Linux 5.10 or later)");
     }
     Ok(())
 }
@@ -254,6 +705,14 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
 }
 
 #[repr(C)]
@@ -265,6 +724,12 @@ struct MapCreateAttr {
     max_entries: u32,
     map_flags: u32,
     inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
 }
 
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
@@ -277,10 +742,37 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
     }
 }
 
+/// The vmlinux BTF id of function `name`; None when this kernel has no such function.
+/// Megabytes of BTF are parsed once per process, however many probes ask.
+fn vmlinux_func_id(name: &str) -> Result<Option<u32>> {
+    static VMLINUX: OnceLock<std::result::Result<aya::Btf, String>> = OnceLock::new();
+    let btf = VMLINUX
+        .get_or_init(|| aya::Btf::from_sys_fs().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("reading {VMLINUX_BTF}: {e}"))?;
+    // aya 0.14 re-exports Btf but not BtfKind, which converts from its number.
+    const BTF_KIND_FUNC: u32 = 12;
+    match btf.id_by_type_name_kind(name, BTF_KIND_FUNC.try_into()?) {
+        Ok(id) => Ok(Some(id)),
+        Err(aya::BtfError::UnknownBtfTypeName { .. }) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("looking up {name} in {VMLINUX_BTF}")),
+    }
+}
+
 /// Loads `r0 = 1; exit` (or `call helper; r0 = 1; exit`) for the hook. The same strategy as
 /// libbpf: a verifier message about the helper's id means it is unknown there; any other
 /// verifier complaint (the probe passes no valid arguments) means it is known.
 fn probe_program(hook: Hook, helper: Option<i32>) -> Result<bool> {
+    let attach_btf_id = match hook.btf_func {
+        Some(func) => match vmlinux_func_id(func)
+            .with_context(|| format!("{} attaches by BTF id", hook.section))?
+        {
+            Some(id) => id,
+            // The kernel has no such attach point, so no such program.
+            None => return Ok(false),
+        },
+        None => 0,
+    };
     // BPF_JMP|BPF_CALL = 0x85, BPF_ALU64|BPF_MOV|BPF_K = 0xb7 (dst r0), BPF_JMP|BPF_EXIT = 0x95.
     let mut insns: Vec<u64> = Vec::new();
     if let Some(id) = helper {
@@ -298,6 +790,7 @@ fn probe_program(hook: Hook, helper: Option<i32>) -> Result<bool> {
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         expected_attach_type: hook.attach_type,
+        attach_btf_id,
         ..Default::default()
     };
     match bpf(
@@ -325,43 +818,68 @@ fn probe_program(hook: Hook, helper: Option<i32>) -> Result<bool> {
                     "probing the kernel's BPF support (bpf() refused: missing privileges?)",
                 ),
                 _ if helper.is_some() => Ok(true),
-                _ => Err(e).with_context(|| format!("probing {}", hook.name)),
+                _ => Err(e).with_context(|| format!("probing {}", hook.full_name())),
             }
         }
     }
 }
 
-fn probe_map(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-) -> bool {
-    exists(create_map(
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        map_flags,
-        None,
-    ))
+fn probe_map(m: MapProbe) -> bool {
+    match m {
+        MapProbe::Plain {
+            map_type,
+            key,
+            value,
+            flags,
+        } => exists(create_map(map_type, key, value, 1, flags, None)),
+        MapProbe::RingBuf => {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+            exists(create_map(MAP_RINGBUF, 0, 0, page, 0, None))
+        }
+        MapProbe::SkStorage => probe_sk_storage(),
+        MapProbe::HashOfMaps { inner, key, value } => {
+            let Ok(inner) = create_map(inner, key, value, 1, 0, None) else {
+                return false;
+            };
+            exists(create_map(
+                MAP_HASH_OF_MAPS,
+                8,
+                4,
+                1,
+                0,
+                Some(inner.as_fd()),
+            ))
+        }
+    }
 }
 
-/// Steer mode reaches each namespace's SOCKHASH through a hash of maps: the kernel must
-/// take a SOCKHASH as an inner map.
-fn probe_sockhash_in_hash_of_maps() -> bool {
-    let Ok(inner) = create_map(MAP_SOCKHASH, 20, 8, 1, 0, None) else {
-        return false;
+/// An sk_storage map needs BTF for its value, checked only once the map type is known:
+/// given a descriptor that is no BTF object, a kernel that has the type fails with EBADF,
+/// one that lacks it with EINVAL (aya's probe, after libbpf's).
+fn probe_sk_storage() -> bool {
+    let attr = MapCreateAttr {
+        map_type: MAP_SK_STORAGE,
+        key_size: 4,
+        value_size: 1,
+        map_flags: BPF_F_NO_PREALLOC,
+        btf_fd: u32::MAX,
+        btf_key_type_id: 1,
+        btf_value_type_id: 1,
+        ..Default::default()
     };
-    exists(create_map(
-        MAP_HASH_OF_MAPS,
-        8,
-        4,
-        1,
-        0,
-        Some(inner.as_fd()),
-    ))
+    match bpf(
+        BPF_MAP_CREATE,
+        (&attr as *const MapCreateAttr).cast(),
+        mem::size_of::<MapCreateAttr>(),
+    ) {
+        Ok(fd) => {
+            // SAFETY: we own the fd just returned.
+            unsafe { libc::close(fd) };
+            true
+        }
+        Err(e) => !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)),
+    }
 }
 
 /// A map type exists when creating one works, or fails for another reason than EINVAL
@@ -388,6 +906,7 @@ fn create_map(
         max_entries,
         map_flags,
         inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..Default::default()
     };
     let fd = bpf(
         BPF_MAP_CREATE,
@@ -396,6 +915,43 @@ fn create_map(
     )?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether getsockopt(SO_NETNS_COOKIE) works here: on any socket, so a Unix one, which
+/// needs no network stack.
+fn probe_netns_cookie() -> Result<bool> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket(AF_UNIX)");
+    }
+    // SAFETY: a descriptor just returned to us.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    match so_netns_cookie(sock.as_raw_fd()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e).context("getsockopt(SO_NETNS_COOKIE)"),
+    }
+}
+
+fn so_netns_cookie(fd: RawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the stated size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// How many sk_lookup programs are attached to the network namespace `netns`
@@ -625,25 +1181,82 @@ pub fn link_target(link: BorrowedFd<'_>) -> io::Result<LinkTarget> {
 /// The cookie of the network namespace `fd` lives in (`SO_NETNS_COOKIE`, Linux 5.14); the
 /// bind hooks key locality with `bpf_get_netns_cookie()`, which returns the same value.
 pub fn netns_cookie(fd: RawFd) -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
-    let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the stated size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
-            bail!("this kernel lacks SO_NETNS_COOKIE (Linux 5.14 or later)");
+    match so_netns_cookie(fd) {
+        Ok(cookie) => Ok(cookie),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            bail!("{}", NETNS_COOKIE.missing())
         }
-        return Err(e).context("getsockopt(SO_NETNS_COOKIE)");
+        Err(e) => Err(e).context("getsockopt(SO_NETNS_COOKIE)"),
     }
-    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_are_read_from_uname_strings() {
+        assert_eq!(Release::parse("6.18.44-fc-v669"), Some(Release(6, 18)));
+        assert_eq!(Release::parse("5.4.0-150-generic"), Some(Release(5, 4)));
+        assert_eq!(Release::parse("4.19"), Some(Release(4, 19)));
+        assert_eq!(Release::parse("6"), None);
+        assert_eq!(Release::parse("linux"), None);
+        assert!(Release(5, 18) > Release(5, 4));
+        assert_eq!(Release(5, 18).to_string(), "5.18");
+    }
+
+    #[test]
+    fn the_oldest_release_is_the_newest_requirement() {
+        let oldest = oldest_release();
+        assert!(REQUIREMENTS.iter().all(|r| r.since <= oldest));
+        assert!(REQUIREMENTS.iter().any(|r| r.since == oldest));
+    }
+
+    #[test]
+    fn capabilities_are_read_from_proc_status() {
+        let root = Caps::from_status("Name:\tx\nCapEff:\t000001ffffffffff\n");
+        assert!(PRIVILEGES.iter().all(|p| root.has(p)));
+        let none = Caps::from_status("CapEff:\t0000000000000000\n");
+        assert!(PRIVILEGES.iter().all(|p| !none.has(p)));
+        // CAP_SYS_ADMIN alone stands for CAP_BPF and CAP_PERFMON.
+        let sys_admin = Caps::from_status("CapEff:\t0000000000200000\n");
+        assert!(sys_admin.has(&LOAD) && sys_admin.has(&PERFMON) && !sys_admin.has(&NET_ADMIN));
+        assert_eq!(
+            program(BIND4)
+                .unprobeable(sys_admin)
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>(),
+            ["CAP_NET_ADMIN"]
+        );
+        assert!(NETNS_COOKIE.unprobeable(none).is_empty());
+    }
+
+    #[test]
+    fn a_missing_requirement_is_named_in_one_line() {
+        let names: Vec<String> = REQUIREMENTS.iter().map(Requirement::name).collect();
+        for r in REQUIREMENTS {
+            let line = r.missing();
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.contains(&format!("Linux {} or later", r.since)),
+                "{line}"
+            );
+            let name = r.name();
+            assert_eq!(
+                names.iter().filter(|n| **n == name).count(),
+                1,
+                "{name} twice"
+            );
+        }
+        assert_eq!(
+            helper(BIND4, "bpf_set_retval", 187, Release(5, 18)).missing(),
+            "this kernel does not allow bpf_set_retval in cgroup/bind4 \
+             (BPF_PROG_TYPE_CGROUP_SOCK_ADDR) programs (needs Linux 5.18 or later)"
+        );
+        assert_eq!(
+            NETNS_COOKIE.missing(),
+            "this kernel lacks SO_NETNS_COOKIE (Linux 5.14 or later)"
+        );
+    }
 }

@@ -53,6 +53,12 @@ pub struct ForegroundGuard(PathBuf);
 
 impl ForegroundRecord {
     pub fn write(&self, dirs: &StateDirs) -> Result<ForegroundGuard> {
+        // Records of agents that were killed (their programs went with them).
+        for (pid, stale) in pin::list_dir(&dirs.foreground()) {
+            if !Path::new("/proc").join(&pid).exists() {
+                let _ = fs::remove_file(stale);
+            }
+        }
         let path = dirs.foreground().join(self.pid.to_string());
         let text = serde_json::to_string(self).context("encoding the foreground record")?;
         pin::write_atomically(&path, &text)?;
