@@ -13,6 +13,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
+    cgroup::unescape_mountinfo,
     kernel::{self, Caps, Kind, Privilege, Release, Requirement, PRIVILEGES, REQUIREMENTS},
     paths::BPFFS_MOUNT,
 };
@@ -243,31 +244,12 @@ fn mounts(mountinfo: &str) -> Vec<Mount> {
             let (pre, post) = line.split_once(" - ")?;
             let mut fields = pre.split_whitespace().skip(3);
             Some(Mount {
-                root: unescape(fields.next()?),
-                point: PathBuf::from(unescape(fields.next()?)),
+                root: unescape_mountinfo(fields.next()?),
+                point: PathBuf::from(unescape_mountinfo(fields.next()?)),
                 fstype: post.split_whitespace().next()?.to_string(),
             })
         })
         .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// "/a (also /b, /c)".

@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 use freebind_e2e::{
     add_addr, bpf_programs_attached, del_addr, ensure_metrics_tools, ensure_tools, require_root,
     run_in,
-    scenario::{python_http_server, wait_listening, wait_parked, SETTLE},
+    scenario::{python_http_server, try_bind, wait_listening, wait_parked, SETTLE},
     spawn_in, wait_for_log, wait_until, Agent, Cgroup, Daemon, Installation, Link, Proc, TempDir,
 };
 use serde_json::Value;
@@ -302,31 +302,16 @@ fn metrics_pass_promtool_and_count_binds_by_attachment_and_verdict_as_they_happe
         10.0
     );
     assert_eq!(sample(&before, "freebind_daemon_up"), 1.0);
-    for i in 0..3 {
-        assert_eq!(
-            freebind_e2e::scenario::try_bind(
-                &link.server,
-                Some(&app),
-                "tcp",
-                &format!("192.0.2.{}", 20 + i),
-                7000,
-                true
-            ),
-            Ok(())
-        );
-    }
-    for i in 0..2 {
-        assert_eq!(
-            freebind_e2e::scenario::try_bind(
-                &link.server,
-                Some(&app),
-                "udp",
-                &format!("198.51.100.{}", 20 + i),
-                7000,
-                true
-            ),
-            Err(libc::EADDRNOTAVAIL)
-        );
+    let refused = Err(libc::EADDRNOTAVAIL);
+    for (proto, addr, want) in [
+        ("tcp", "192.0.2.20", Ok(())),
+        ("tcp", "192.0.2.21", Ok(())),
+        ("udp", "192.0.2.22", Ok(())),
+        ("udp", "198.51.100.20", refused),
+        ("tcp", "198.51.100.21", refused),
+    ] {
+        let got = try_bind(&link.server, Some(&app), proto, addr, 7000, true);
+        assert_eq!(got, want, "bind {addr}:7000/{proto}");
     }
     let server = python_http_server(&link.server, Some(&app), "192.0.2.10", 8080);
     wait_listening(&link.server, "tcp", "192.0.2.10:8080", &server);
