@@ -452,6 +452,7 @@ fn a_flood_of_binds_through_a_one_page_ring_buffer_decides_every_bind_right_and_
             l.contains("by python3") && (l.contains(": freebind —") || l.contains(": refused —"))
         })
         .count() as u64;
+    eprintln!("{n} binds through a one-page ring with the agent stopped: {logged} logged, {dropped} dropped");
     assert!(dropped > 0, "nothing dropped with a one-page ring");
     assert_eq!(
         logged + dropped,
