@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as AyaHashMap, MapData, RingBuf};
 use freebind_common::{served_flags, Verdict};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
@@ -65,7 +65,7 @@ pub struct Agent {
     udp_pending: HashSet<u64>,
     udp_last: HashMap<u64, Instant>,
     events: AsyncFd<RingBuf<MapData>>,
-    events_dropped: PerCpuArray<MapData, u64>,
+    events_dropped: status::Counters,
     dropped_seen: u64,
     logger: Option<AsyncFd<Logger>>,
     changes_tx: mpsc::UnboundedSender<WatchReport>,
@@ -390,11 +390,7 @@ impl Agent {
         }
         self.udp_pending.extend(udp_parked_in);
         self.run_pending_udp();
-        let dropped: u64 = self
-            .events_dropped
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0);
+        let dropped = status::read_counter(&self.events_dropped, 0);
         if dropped > self.dropped_seen {
             let event = Event::dropped(dropped - self.dropped_seen, dropped);
             log::warn!("{}", event.line());

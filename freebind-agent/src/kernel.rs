@@ -732,6 +732,33 @@ struct MapCreateAttr {
     btf_value_type_id: u32,
 }
 
+/// BPF_MAP_LOOKUP_ELEM: the value of `key` in `map`, written into `value`. For an
+/// sk_storage map the key is a socket descriptor of this process.
+pub fn map_lookup<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<()> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = LookupAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: (value as *mut V) as u64,
+        flags: 0,
+    };
+    bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        (&attr as *const LookupAttr).cast(),
+        mem::size_of::<LookupAttr>(),
+    )
+    .map(drop)
+}
+
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
     // SAFETY: attr points to a live, correctly sized bpf_attr prefix.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as u32) };

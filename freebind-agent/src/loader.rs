@@ -352,15 +352,7 @@ impl Attachment {
     pub fn program_ids(&self) -> Vec<u32> {
         programs::CGROUP_ATTACH_ORDER
             .iter()
-            .filter_map(|&name| {
-                let info = match self.ebpf.program(name)? {
-                    aya::programs::Program::CgroupSockAddr(p) => p.info(),
-                    aya::programs::Program::CgroupSockopt(p) => p.info(),
-                    aya::programs::Program::SockOps(p) => p.info(),
-                    _ => return None,
-                };
-                info.ok().map(|i| i.id())
-            })
+            .filter_map(|&name| Some(self.ebpf.program(name)?.info().ok()?.id()))
             .collect()
     }
 

@@ -159,32 +159,9 @@ pub fn storage_of(pid: u32, fd: i32, sock_states: &[BorrowedFd<'_>]) -> Option<S
     let key: i32 = copy.as_raw_fd();
     sock_states.iter().find_map(|map| {
         let mut value = SockState::default();
-        #[repr(C)]
-        struct LookupAttr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let attr = LookupAttr {
-            map_fd: map.as_raw_fd() as u32,
-            _pad: 0,
-            key: std::ptr::addr_of!(key) as u64,
-            value: std::ptr::addr_of_mut!(value) as u64,
-            flags: 0,
-        };
-        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-        // SAFETY: the attribute points at live locals of the right sizes.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                std::ptr::addr_of!(attr),
-                size_of::<LookupAttr>(),
-            )
-        };
-        (r == 0).then_some(value)
+        crate::kernel::map_lookup(*map, &key, &mut value)
+            .ok()
+            .map(|()| value)
     })
 }
 

@@ -369,7 +369,9 @@ pub fn run_in_timeout(
     }
 }
 
-fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+/// Reads a child's pipe to its end on a thread of its own (both pipes at once, so that
+/// neither fills up while the other is read).
+pub(crate) fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(mut p) = pipe {

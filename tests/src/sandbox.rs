@@ -45,7 +45,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::Cgroup;
 use crate::netns::Netns;
-use crate::process::Proc;
+use crate::process::{reader, Proc};
 use crate::tools::{install_missing, tool};
 use crate::util::{show_cmd, show_output};
 
@@ -1069,16 +1069,6 @@ impl Drop for Sandbox {
             Err(e) => eprintln!("freebind-e2e: cannot remove {}: {e}", propagate.display()),
         }
     }
-}
-
-fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut buf);
-        }
-        buf
-    })
 }
 
 /// Kills everything in the (leaf) cgroup `dir`, waits for it to drain, removes it.

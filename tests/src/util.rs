@@ -113,7 +113,7 @@ pub(crate) fn show_cmd(cmd: &Command) -> String {
 }
 
 /// Renders a finished command's status and output for messages.
-pub(crate) fn show_output(out: &Output) -> String {
+pub fn show_output(out: &Output) -> String {
     format!(
         "{}\n--- stdout ---\n{}--- stderr ---\n{}",
         out.status,

@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use freebind_e2e::{agent_command, agent_path, cgroup2_mount, require_root, TempDir};
+use freebind_e2e::{agent_command, agent_path, cgroup2_mount, require_root, show_output, TempDir};
 
 /// One row of the table: `  ✔ name  detail`, and the `    → fix` line below it, if any.
 #[derive(Debug)]
@@ -56,16 +56,7 @@ fn rows(stdout: &str) -> Vec<Row> {
 fn row<'a>(rows: &'a [Row], name: &str, out: &Output) -> &'a Row {
     rows.iter()
         .find(|r| r.name == name)
-        .unwrap_or_else(|| panic!("no row {name:?} in:\n{}", show(out)))
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+        .unwrap_or_else(|| panic!("no row {name:?} in:\n{}", show_output(out)))
 }
 
 const BPFFS: &std::ffi::CStr = c"/sys/fs/bpf";
@@ -159,13 +150,13 @@ fn as_root_on_this_kernel_every_row_is_there_and_check_exits_0() {
     assert!(
         not_there.is_empty(),
         "rows not ✔: {not_there:#?}\n{}",
-        show(&out)
+        show_output(&out)
     );
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", show_output(&out));
     assert!(
         stdout.ends_with("\nEverything freebind needs is here.\n"),
         "{}",
-        show(&out)
+        show_output(&out)
     );
 
     for name in [
@@ -215,7 +206,7 @@ fn as_root_on_this_kernel_every_row_is_there_and_check_exits_0() {
             .detail
             .starts_with("mounted on /sys/fs/bpf"),
         "{}",
-        show(&out)
+        show_output(&out)
     );
 
     // The oldest release named is the newest of the rows' own releases, not a number
@@ -265,7 +256,7 @@ fn unprivileged_the_capabilities_are_missing_and_the_probes_are_not_guessed() {
         .expect("setpriv");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows = rows(&stdout);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", show_output(&out));
 
     let covered =
         "run as root, or grant CAP_SYS_ADMIN (it covers this, and setns() needs it anyway)";
@@ -276,7 +267,7 @@ fn unprivileged_the_capabilities_are_missing_and_the_probes_are_not_guessed() {
         ("CAP_SYS_ADMIN", "run as root, or grant CAP_SYS_ADMIN"),
     ] {
         let r = row(&rows, name, &out);
-        assert_eq!(r.mark, '✘', "{r:?}\n{}", show(&out));
+        assert_eq!(r.mark, '✘', "{r:?}\n{}", show_output(&out));
         assert_eq!(r.fix.as_deref(), Some(fix), "{r:?}");
     }
     // The daemon serves other users' namespaces with it; the agent runs without it.
@@ -320,12 +311,12 @@ fn unprivileged_the_capabilities_are_missing_and_the_probes_are_not_guessed() {
     // What needs no privilege is still probed.
     for name in ["BTF", "SO_NETNS_COOKIE", "Linux release", "cgroup v2"] {
         let r = row(&rows, name, &out);
-        assert_eq!(r.mark, '✔', "{r:?}\n{}", show(&out));
+        assert_eq!(r.mark, '✔', "{r:?}\n{}", show_output(&out));
     }
     assert!(
         stdout.contains("\nRun `freebind-agent check` as root to probe the rows marked –"),
         "{}",
-        show(&out)
+        show_output(&out)
     );
 }
 
@@ -337,7 +328,7 @@ fn without_bpffs_check_says_how_to_mount_it_and_exits_1() {
     let out = check_as_root(Bpffs::Gone);
     let rows = rows(&String::from_utf8_lossy(&out.stdout));
     let bpffs = row(&rows, "bpffs", &out);
-    assert_eq!(bpffs.mark, '✘', "{}", show(&out));
+    assert_eq!(bpffs.mark, '✘', "{}", show_output(&out));
     assert!(bpffs.detail.starts_with("not mounted"), "{bpffs:?}");
     assert_eq!(
         bpffs.fix.as_deref(),
@@ -347,6 +338,6 @@ fn without_bpffs_check_says_how_to_mount_it_and_exits_1() {
         .iter()
         .filter(|r| r.name != "bpffs" && r.mark != '✔')
         .collect();
-    assert!(others.is_empty(), "{others:#?}\n{}", show(&out));
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(others.is_empty(), "{others:#?}\n{}", show_output(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", show_output(&out));
 }

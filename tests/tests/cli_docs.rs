@@ -7,21 +7,14 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
 };
 
-use freebind_e2e::{agent_command, ensure_doc_tools, require_root, tool, unique_name, TempDir};
+use freebind_e2e::{
+    agent_command, ensure_doc_tools, require_root, show_output, tool, unique_name, TempDir,
+};
 
 const HIDDEN: &[&str] = &["hook", "generate"];
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Runs `cmd`; panics with its output unless it exits 0 with nothing on stderr.
 fn run_clean(cmd: &mut Command, what: &str) -> String {
@@ -32,7 +25,7 @@ fn run_clean(cmd: &mut Command, what: &str) -> String {
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "{what}: {cmd:?}: {}",
-        show(&out)
+        show_output(&out)
     );
     String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{what}: not UTF-8: {e}"))
 }
@@ -68,6 +61,20 @@ fn visible_subcommands() -> Vec<String> {
         assert!(!names.iter().any(|n| n == hidden), "{names:?}");
     }
     names
+}
+
+/// What a completion of `freebind-agent ` must offer: every visible subcommand, and
+/// none of the hidden ones.
+fn offers_every_visible_subcommand_and_no_hidden_one(all: &[String]) {
+    for sub in visible_subcommands() {
+        assert!(all.contains(&sub), "{sub} not offered: {all:?}");
+    }
+    for hidden in HIDDEN {
+        assert!(
+            !all.iter().any(|w| w == hidden),
+            "{hidden} offered: {all:?}"
+        );
+    }
 }
 
 #[test]
@@ -121,15 +128,7 @@ fn bash_completion_registers_and_completes_subcommands_and_their_options() {
     };
     assert_eq!(reply("freebind-agent st"), ["status"], "{out}");
     let all = reply("freebind-agent ");
-    for sub in visible_subcommands() {
-        assert!(all.contains(&sub), "{sub} not offered: {all:?}");
-    }
-    for hidden in HIDDEN {
-        assert!(
-            !all.iter().any(|w| w == hidden),
-            "{hidden} offered: {all:?}"
-        );
-    }
+    offers_every_visible_subcommand_and_no_hidden_one(&all);
     // A subcommand's own options: what a hyphen in the binary's name breaks in
     // clap_complete's bash script (clap-rs/clap#6421), which the agent works around.
     let status = reply("freebind-agent status --");
@@ -193,15 +192,7 @@ fn fish_completion_passes_fish_syntax_check_and_completes() {
     };
     assert_eq!(complete("freebind-agent st"), ["status"]);
     let all = complete("freebind-agent ");
-    for sub in visible_subcommands() {
-        assert!(all.contains(&sub), "{sub} not offered: {all:?}");
-    }
-    for hidden in HIDDEN {
-        assert!(
-            !all.iter().any(|w| w == hidden),
-            "{hidden} offered: {all:?}"
-        );
-    }
+    offers_every_visible_subcommand_and_no_hidden_one(&all);
     assert!(
         complete("freebind-agent status --").contains(&"--json".to_owned()),
         "no --json for status"
@@ -291,7 +282,12 @@ fn exec_missing_logging_to(log: &Path, journal_stream: &str, missing: &str) -> S
         .output()
         .expect("run freebind-agent exec");
     let log = fs::read_to_string(log).unwrap();
-    assert_eq!(out.status.code(), Some(127), "{}\nlog:\n{log}", show(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "{}\nlog:\n{log}",
+        show_output(&out)
+    );
     log
 }
 
