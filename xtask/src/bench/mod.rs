@@ -37,20 +37,31 @@ use serde_json::json;
 
 use crate::{cmd, paths::Paths};
 
+mod breakdown;
+mod scale;
+
 const DEFAULT_ROUNDS: usize = 7;
 const DEFAULT_ITERATIONS: u64 = 20_000;
 const DEFAULT_THREADS: u32 = 1;
 
 /// Which measurements `--only` may pick.
-const PARTS: [&str; 3] = ["bind", "bystanders", "steer"];
+const PARTS: [&str; 4] = ["bind", "bystanders", "steer", "scale"];
 
-struct Stats {
+/// The bind path's cases: protocol, a non-local address, label.
+const BIND_CASES: [(&str, &str, &str); 4] = [
+    ("tcp", "192.0.2.55", "tcp4"),
+    ("udp", "192.0.2.55", "udp4"),
+    ("tcp", "2001:db8::55", "tcp6"),
+    ("udp", "2001:db8::55", "udp6"),
+];
+
+pub(crate) struct Stats {
     min: f64,
     median: f64,
     max: f64,
 }
 
-fn stats(mut v: Vec<f64>) -> Stats {
+pub(crate) fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(f64::total_cmp);
     Stats {
         min: v[0],
@@ -60,14 +71,17 @@ fn stats(mut v: Vec<f64>) -> Stats {
 }
 
 impl Stats {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({"min": self.min, "median": self.median, "max": self.max})
     }
 }
 
 /// `rounds` rounds of (measured, baseline), each pair taken back to back: the stats of
 /// both and of their per-round ratio.
-fn compare(rounds: usize, mut round: impl FnMut() -> Result<(f64, f64)>) -> Result<[Stats; 3]> {
+pub(crate) fn compare(
+    rounds: usize,
+    mut round: impl FnMut() -> Result<(f64, f64)>,
+) -> Result<[Stats; 3]> {
     let (mut measured, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let (m, b) = round()?;
@@ -85,11 +99,11 @@ fn row(label: &str, [m, b, r]: &[Stats; 3]) -> String {
     )
 }
 
-fn print_row(label: &str, stats: &[Stats; 3]) {
+pub(crate) fn print_row(label: &str, stats: &[Stats; 3]) {
     println!("{}", row(label, stats));
 }
 
-fn bindloop(
+pub(crate) fn bindloop(
     bin: &Path,
     ns: &Netns,
     cgroup: Option<&Cgroup>,
@@ -117,7 +131,7 @@ fn bindloop(
 /// bystanders, connections (TCP) or request/reply exchanges (UDP) for steer mode;
 /// `--threads` is the number of load generator threads and `--cpu` the CPU that the
 /// servers and the load generator share in steer mode (default: the highest this process
-/// may use); `--only` (repeatable) runs only `bind`, `bystanders` or `steer`.
+/// may use); `--only` (repeatable) runs only `bind`, `bystanders`, `steer` or `scale`.
 pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     if !require_root() {
         bail!("the benchmark makes network namespaces and cgroups: run it as root");
@@ -144,7 +158,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             }
             other => bail!(
                 "unknown bench argument {other:?} (--rounds N, --iterations N, --threads K, \
-                 --cpu C, --only bind|bystanders|steer)"
+                 --cpu C, --only bind|bystanders|steer|scale)"
             ),
         }
     }
@@ -175,12 +189,8 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "case", "managed (min/med/max)", "IP_FREEBIND itself", "ratio (min/med/max)"
         );
         let _agent = Agent::run_binary(&paths.agent, &ns, &cgroup, &[]);
-        for (proto, addr, label) in [
-            ("tcp", "192.0.2.55", "tcp4"),
-            ("udp", "192.0.2.55", "udp4"),
-            ("tcp", "2001:db8::55", "tcp6"),
-            ("udp", "2001:db8::55", "udp6"),
-        ] {
+        let mut medians = Vec::new();
+        for (proto, addr, label) in BIND_CASES {
             let cmp = compare(rounds, || {
                 Ok((
                     bindloop(&bin, &ns, Some(&cgroup), proto, addr, iters, "plain")?,
@@ -189,12 +199,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             })?;
             print_row(label, &cmp);
             let [m, b, r] = &cmp;
+            medians.push((label, m.median - b.median));
             results.push(json!({
                 "benchmark": "bind_path", "case": label, "unit": "ns/bind",
                 "managed": m.json(), "baseline_ip_freebind": b.json(), "ratio": r.json(),
-                "goal": "<= 1.05",
+                "delta_ns_per_bind": m.median - b.median, "goal": "<= 1.05",
             }));
         }
+        breakdown::run(&bin, &ns, &cgroup, iters, &medians, &mut results)?;
     }
 
     if wanted("bystanders") {
@@ -221,6 +233,10 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             None => last_allowed_cpu()?,
         };
         steer(paths, rounds, iters, threads, cpu, &mut results)?;
+    }
+
+    if wanted("scale") {
+        scale::run(paths, rounds, &mut results)?;
     }
 
     let dir = paths
