@@ -39,6 +39,7 @@ use crate::{cmd, paths::Paths};
 
 mod breakdown;
 mod scale;
+mod summary;
 
 const DEFAULT_ROUNDS: usize = 7;
 const DEFAULT_ITERATIONS: u64 = 20_000;
@@ -247,13 +248,37 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         .join("bench");
     fs::create_dir_all(&dir)?;
     let file = dir.join("results.json");
+    let machine = machine();
     let doc = json!({
         "rounds": rounds, "iterations": iters, "steer_threads": threads,
-        "kernel": kernel_release(), "results": results,
+        "kernel": kernel_release(), "machine": machine, "results": results,
     });
     fs::write(&file, serde_json::to_string_pretty(&doc)?)?;
-    println!("\nwritten: {}", file.display());
+    let summary = dir.join("results.md");
+    fs::write(&summary, summary::markdown(&machine, &results))?;
+    println!("\nwritten: {} and {}", file.display(), summary.display());
     Ok(())
+}
+
+/// The date, CPU model, CPU count and kernel the figures were taken on.
+fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim())
+        .to_owned();
+    let date = Command::new("date")
+        .arg("+%F")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{date}, {model}, {} CPUs, Linux {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel_release()
+    )
 }
 
 /// The port every steer-mode server listens on (each on its own address).
