@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     agent::Agent,
     cgroup::{Cgroup2, TransientCgroup},
-    config::{check_unit_name, Config, Selector},
+    config::{check_unit_name, Selector},
     control::{self, Request},
     daemon::{ConfigSource, Daemon},
     events, exec, kernel,
@@ -217,9 +217,7 @@ pub fn daemon(opts: &StateOptions, config: Option<&Path>, serve: &ServeOptions) 
     serve.apply()?;
     // An invalid config is refused before anything changes.
     let source = ConfigSource::new(config);
-    if source.explicit || source.path.exists() {
-        Config::load(&source.path)?;
-    }
+    source.load()?;
     runtime()?.block_on(async {
         let lock = StateLock::acquire(&opts.dirs)?;
         let metrics = serve.start_metrics(opts, &cg).await?;

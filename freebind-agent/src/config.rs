@@ -253,6 +253,35 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// [`Config::load`] for the daemon, which runs as root and attaches what the file says:
+    /// a file that a non-root user can change (owned by one, or writable by its group or
+    /// by others) would let that user choose which cgroups may bind any address, so it is
+    /// refused, as sshd's StrictModes refuses a writable authorized_keys.
+    pub fn load_trusted(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(meta) = fs::metadata(path) {
+            // SAFETY: geteuid cannot fail and touches no memory.
+            let euid = unsafe { libc::geteuid() };
+            if meta.uid() != 0 && meta.uid() != euid {
+                return Err(anyhow!(
+                    "config {}: owned by uid {}, who could change what freebind attaches; \
+                     refused (chown root {0})",
+                    path.display(),
+                    meta.uid()
+                ));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(anyhow!(
+                    "config {}: writable by its group or by others (mode {:04o}), who could \
+                     change what freebind attaches; refused (chmod 600 {0})",
+                    path.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+        Self::load(path)
+    }
+
     /// Checks `text`, read from `origin` (only used in messages). Every error is one line:
     /// `config ORIGIN line N: REASON`.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {

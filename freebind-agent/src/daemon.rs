@@ -59,11 +59,11 @@ impl ConfigSource {
         }
     }
 
-    fn load(&self) -> Result<Config> {
+    pub fn load(&self) -> Result<Config> {
         if !self.explicit && !self.path.exists() {
             return Ok(Config::default());
         }
-        Config::load(&self.path)
+        Config::load_trusted(&self.path)
     }
 }
 
@@ -159,7 +159,12 @@ impl Daemon {
                     drain_inotify(&self.inotify);
                     self.rescan().await;
                 }
-                _ = tick.tick() => self.rescan().await,
+                _ = tick.tick() => {
+                    if !self.manager.dirs.shared_maps().is_dir() {
+                        break PINS_GONE;
+                    }
+                    self.rescan().await;
+                }
                 r = self.agent.step() => {
                     r?;
                     // Binds from namespaces not served yet: the events come from this
@@ -178,6 +183,16 @@ impl Daemon {
         };
         let _ = systemd::notify("STOPPING=1");
         let _ = std::fs::remove_file(&socket);
+        if why == PINS_GONE {
+            log::error!(
+                "{} is gone (bpffs unmounted, or the pins removed): the kernel dropped every \
+                 attachment held only by a pin; restarting to attach and pin everything again \
+                 from the config and the records in {}",
+                self.manager.dirs.shared_maps().display(),
+                self.manager.dirs.run.display()
+            );
+            return Err(reexec()).context("restarting the daemon after its pins vanished");
+        }
         if why == "detach --all" {
             log::info!("detach --all: everything removed; exiting");
         } else {
@@ -416,6 +431,29 @@ impl Daemon {
         }
         seen.into_keys().collect()
     }
+}
+
+/// Why the loop ends when the shared maps' pins vanish.
+const PINS_GONE: &str = "pins gone";
+
+/// Replaces this process with a fresh start of the same command line (same pid, so a
+/// systemd unit keeps its main process). Pinned links are what keeps a cgroup attachment
+/// alive without the daemon: once their bpffs is unmounted (or the pins deleted) the kernel
+/// detaches them, and only the start path, which re-pins from the config and the records
+/// in the run directory (and mounts bpffs where it may), rebuilds them all. Every
+/// descriptor is close-on-exec (std, tokio and bpf(2) descriptors are), so the lock and the
+/// old maps go with the old image. Returns only when exec fails.
+fn reexec() -> io::Error {
+    use std::os::unix::process::CommandExt as _;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    // The binary by its path (the process name stays `freebind-agent`); /proc/self/exe when
+    // that path is gone (an upgrade replaced the file).
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+    std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 
 fn drain_inotify(fd: &AsyncFd<OwnedFd>) {

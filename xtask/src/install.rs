@@ -105,7 +105,9 @@ pub fn run(paths: &Paths, options: &Options) -> Result<()> {
             "→ installing the example configuration, which selects nothing: {}",
             config_dest.display()
         );
-        replace_file(&config_dest, EXAMPLE_CONFIG.as_bytes(), 0o644)?;
+        // Root's only: the daemon refuses a config others can change, and what it
+        // attaches (which cgroups, which prefixes) is nobody else's business.
+        replace_file(&config_dest, EXAMPLE_CONFIG.as_bytes(), 0o600)?;
     }
 
     install_docs(&docs, &prefix, &staged)?;
