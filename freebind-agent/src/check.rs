@@ -14,7 +14,7 @@ use anyhow::Result;
 
 use crate::{
     cgroup::unescape_mountinfo,
-    kernel::{self, Caps, Kind, Privilege, Release, Requirement, PRIVILEGES, REQUIREMENTS},
+    kernel::{self, Caps, Kind, Mode, Privilege, Release, Requirement, PRIVILEGES, REQUIREMENTS},
     paths::BPFFS_MOUNT,
 };
 
@@ -96,8 +96,10 @@ pub fn run() -> Result<bool> {
             .collect(),
     })
     .collect();
+    let modes = modes_section(&sections);
     let release_row = release_row(kernel::running_release(), &sections);
     sections[0].rows.insert(0, release_row);
+    sections.push(modes);
     sections.push(system_section());
     sections.push(privileges_section(caps, caps_error));
     let unprivileged_bpf = fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
@@ -153,6 +155,75 @@ fn requirement_row(r: &Requirement, caps: Caps) -> Row {
             };
             Row::new(Mark::Missing, r.name(), format!("probe failed: {e:#}")).fix(fix)
         }
+    }
+}
+
+/// What the kernel rows mean for freebind's two mechanisms: the agent starts only when
+/// both work (its bind hooks hold both), and says so in the same words.
+fn modes_section(sections: &[Section]) -> Section {
+    let mark_of = |r: &Requirement| {
+        let name = r.name();
+        sections
+            .iter()
+            .flat_map(|s| &s.rows)
+            .find(|row| row.name == name)
+            .map_or(Mark::NotProbed, |row| row.mark)
+    };
+    let row = |mode: Mode, name: &str, what: &str| {
+        let needed: Vec<&Requirement> = REQUIREMENTS
+            .iter()
+            .filter(|r| r.mode() == mode || r.mode() == Mode::Both)
+            .collect();
+        let with = |mark: Mark| -> Vec<String> {
+            needed
+                .iter()
+                .filter(|r| mark_of(r) == mark)
+                .map(|r| r.name())
+                .collect()
+        };
+        let (missing, unknown) = (with(Mark::Missing), with(Mark::NotProbed));
+        if !missing.is_empty() {
+            Row::new(
+                Mark::Missing,
+                name,
+                format!("{what}; this kernel lacks {}", missing.join(", ")),
+            )
+            .fix(format!(
+                "upgrade to Linux {} or later",
+                kernel::oldest_release()
+            ))
+        } else if !unknown.is_empty() {
+            Row::new(
+                Mark::NotProbed,
+                name,
+                format!(
+                    "{what}; {} of its {} rows not probed",
+                    unknown.len(),
+                    needed.len()
+                ),
+            )
+        } else {
+            Row::new(
+                Mark::Present,
+                name,
+                format!("{what}; all {} rows it needs are here", needed.len()),
+            )
+        }
+    };
+    Section {
+        title: "Modes",
+        rows: vec![
+            row(
+                Mode::Native,
+                "native mode",
+                "the kernel's own IP_FREEBIND, set from cgroup/setsockopt",
+            ),
+            row(
+                Mode::Steer,
+                "steer mode",
+                "parking and sk_lookup steering for sockets that bind without setsockopt",
+            ),
+        ],
     }
 }
 

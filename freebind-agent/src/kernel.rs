@@ -679,15 +679,108 @@ impl Requirement {
     }
 }
 
-/// Checks every program type, helper and map type freebind loads, naming the first one
-/// this kernel lacks.
-pub fn check_features() -> Result<()> {
-    for r in REQUIREMENTS {
-        if !r.probe()? {
-            bail!("{}", r.missing());
+/// Which of freebind's two mechanisms a requirement serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Both: the bind hooks, their helpers, the maps the object creates when it loads.
+    Both,
+    /// Native mode: the setsockopt hook and what it calls.
+    Native,
+    /// Steer mode alone: the programs that keep a parked socket working.
+    Steer,
+}
+
+impl Requirement {
+    /// The mode that cannot work without it. The eBPF object is loaded whole (every map is
+    /// created, the bind hooks hold both modes' code), so most rows are [`Mode::Both`].
+    pub fn mode(&self) -> Mode {
+        let hook = match self.probe {
+            Probe::Btf => return Mode::Steer,
+            Probe::Program(hook) | Probe::Helper(hook, ..) => hook,
+            Probe::NetnsCookie | Probe::Map(_) => return Mode::Both,
+        };
+        match hook.section {
+            "cgroup/setsockopt" => Mode::Native,
+            "cgroup/bind4" | "cgroup/bind6" => Mode::Both,
+            _ => Mode::Steer,
         }
     }
-    Ok(())
+}
+
+/// What this kernel has of what freebind uses: the requirements it lacks.
+#[derive(Debug, Default)]
+pub struct Features {
+    pub missing: Vec<&'static Requirement>,
+}
+
+impl Features {
+    /// Probes every requirement (it takes the privileges [`PRIVILEGES`] lists).
+    pub fn probe() -> Result<Self> {
+        let mut missing = Vec::new();
+        for r in REQUIREMENTS {
+            if !r.probe()? {
+                missing.push(r);
+            }
+        }
+        Ok(Self { missing })
+    }
+
+    /// Whether `mode` can work here: nothing it or both modes need is missing.
+    pub fn has(&self, mode: Mode) -> bool {
+        self.missing
+            .iter()
+            .all(|r| r.mode() != mode && r.mode() != Mode::Both)
+    }
+
+    /// One line for the agent's log and `check`: which modes this kernel allows, and why
+    /// not the other.
+    pub fn summary(&self, release: &str) -> String {
+        let names = |mode: Mode| {
+            self.missing
+                .iter()
+                .filter(|r| r.mode() == mode || r.mode() == Mode::Both)
+                .map(|r| r.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (self.has(Mode::Native), self.has(Mode::Steer)) {
+            (true, true) => format!(
+                "kernel {release}: every program type, helper and map freebind uses is here \
+                 ({} probed): native and steer mode",
+                REQUIREMENTS.len()
+            ),
+            (true, false) => format!(
+                "kernel {release}: native mode only; steer mode needs {} (Linux {} or later)",
+                names(Mode::Steer),
+                oldest_release()
+            ),
+            (false, true) => format!(
+                "kernel {release}: steer mode only; native mode needs {}",
+                names(Mode::Native)
+            ),
+            (false, false) => format!(
+                "kernel {release}: neither mode works; missing {}",
+                names(Mode::Both)
+            ),
+        }
+    }
+}
+
+/// Checks every program type, helper and map type freebind loads, and says in one line
+/// what this kernel allows. Refuses to go on with anything missing: the eBPF object is one
+/// whole (its bind hooks park sockets whether or not the steer programs could load), so a
+/// kernel without a steer-mode piece is named here rather than half-served later.
+pub fn check_features() -> Result<Features> {
+    let features = Features::probe()?;
+    let release = running_release().unwrap_or_else(|_| "?".to_string());
+    let summary = features.summary(&release);
+    if let Some(first) = features.missing.first() {
+        bail!("{}; {summary}", first.missing());
+    }
+    // Debug only: with nothing missing there is no degradation to report, and a refusal
+    // for another reason must stay one line on stderr.
+    log::debug!("{summary}");
+    Ok(features)
 }
 
 #[repr(C)]

@@ -185,6 +185,8 @@ fn as_root_on_this_kernel_every_row_is_there_and_check_exits_0() {
         "BPF_MAP_TYPE_PERCPU_ARRAY",
         "BPF_MAP_TYPE_HASH_OF_MAPS",
         "BPF_MAP_TYPE_SOCKHASH in a BPF_MAP_TYPE_HASH_OF_MAPS",
+        "native mode",
+        "steer mode",
         "CAP_BPF (or CAP_SYS_ADMIN)",
         "CAP_PERFMON (or CAP_SYS_ADMIN)",
         "CAP_NET_ADMIN",
@@ -308,6 +310,11 @@ fn unprivileged_the_capabilities_are_missing_and_the_probes_are_not_guessed() {
         guessed.is_empty(),
         "probed without privileges: {guessed:#?}"
     );
+    // The modes follow from the rows, and so are not guessed either.
+    for name in ["native mode", "steer mode"] {
+        let r = row(&rows, name, &out);
+        assert_eq!(r.mark, '–', "{r:?}\n{}", show_output(&out));
+    }
     // What needs no privilege is still probed.
     for name in ["BTF", "SO_NETNS_COOKIE", "Linux release", "cgroup v2"] {
         let r = row(&rows, name, &out);

@@ -7,6 +7,7 @@ mod build_steps;
 mod cmd;
 mod demo;
 mod docs;
+mod guest;
 mod install;
 mod paths;
 mod setup;

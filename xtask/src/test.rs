@@ -1,10 +1,11 @@
-use std::env;
+use std::{env, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
     build_steps::{build, build_ebpf, workspace_cargo},
     cmd::run,
+    guest,
     paths::Paths,
     setup::is_root,
 };
@@ -17,12 +18,35 @@ pub struct Options {
     /// Run the privileged end-to-end tests, as root (with neither flag: both kinds).
     #[arg(long)]
     e2e: bool,
+    /// Also run the long variants of the end-to-end tests (sets FREEBIND_LONG=1 for them).
+    #[arg(long)]
+    long: bool,
+    /// Run the end-to-end tests in a QEMU guest booting Debian's kernel of this series
+    /// (`6.1`, `6.12`) instead of on this machine's kernel. The package is downloaded once
+    /// into /var/cache/freebind-kernels.
+    #[arg(long, value_name = "VERSION")]
+    kernel: Option<String>,
+    /// With --kernel: the test files to run in the guest (repeatable; default: every file
+    /// that can run there).
+    #[arg(long = "guest-test", value_name = "FILE", requires = "kernel")]
+    guest_tests: Vec<String>,
+    /// With --kernel: seconds after which the guest is stopped and the run fails.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5400,
+        requires = "kernel"
+    )]
+    guest_timeout: u64,
     /// Passed to the test harness: a test-name filter, `--nocapture`, …
     #[arg(last = true)]
     args: Vec<String>,
 }
 
 pub fn run_tests(paths: &Paths, options: &Options) -> Result<()> {
+    if let Some(kernel) = &options.kernel {
+        return guest_tests(paths, options, kernel);
+    }
     let both = !options.unit && !options.e2e;
     let (unit, e2e) = (both || options.unit, both || options.e2e);
     // Refuse before building anything: `cargo xtask test` promises the end-to-end
@@ -61,6 +85,9 @@ pub fn run_tests(paths: &Paths, options: &Options) -> Result<()> {
         // last "test result" line CI reads.
         cmd.args(["test", "--release", "-p", "freebind-e2e", "--tests", "--"])
             .env("FREEBIND_AGENT", &paths.agent);
+        if options.long {
+            cmd.env(LONG_ENV, "1");
+        }
         // Each test runs real servers and its own agent: keep parallelism low. libtest
         // refuses the flag twice, so a caller's --test-threads wins.
         if !options.args.iter().any(|a| a.starts_with("--test-threads")) {
@@ -69,6 +96,42 @@ pub fn run_tests(paths: &Paths, options: &Options) -> Result<()> {
         run(cmd.args(&options.args)).context("end-to-end tests")?;
     }
     Ok(())
+}
+
+/// Read by the end-to-end tests: run the long variants too.
+const LONG_ENV: &str = "FREEBIND_LONG";
+
+/// The end-to-end tests in a guest booting another kernel: needs root (the kernel cache,
+/// apt) but no systemd sandbox root, which no guest test uses.
+fn guest_tests(paths: &Paths, options: &Options, kernel: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "testing another kernel needs root (apt-get, {}): run \
+             `sudo -E env \"PATH=$PATH\" cargo xtask test --kernel {kernel}`",
+            guest::KERNEL_CACHE
+        );
+    }
+    if options.unit {
+        bail!("--kernel runs the end-to-end tests only; drop --unit");
+    }
+    build(paths)?;
+    let mut env = Vec::new();
+    if options.long {
+        env.push((LONG_ENV.to_string(), "1".to_string()));
+    }
+    if in_ci() {
+        env.push(("CI".to_string(), "true".to_string()));
+    }
+    guest::run(
+        paths,
+        &guest::Options {
+            kernel,
+            tests: options.guest_tests.clone(),
+            env,
+            args: &options.args,
+            timeout: Duration::from_secs(options.guest_timeout),
+        },
+    )
 }
 
 /// The systemd sandbox tests boot Debian from a cached root made by debootstrap (about

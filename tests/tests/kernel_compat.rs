@@ -1,0 +1,218 @@
+//! What freebind finds on the kernel it runs on, asserted per kernel series rather than
+//! skipped: `cargo xtask test --kernel 6.1` (and 6.12) runs this file in a guest booting
+//! Debian's kernel, the host run covers the host's (6.18 here).
+//!
+//! Measured: Debian 12's 6.1 (6.1.0-56, 6.1.192) and 6.12 (6.12.117) have every program
+//! type, helper and map type freebind uses, so both modes run there; the oldest release
+//! with all of it is [`kernel::oldest_release`] (5.18, for `bpf_set_retval` in the bind
+//! hooks). A kernel series this file has no expectation for is a failure, so that a new
+//! one is looked at instead of passing unseen.
+use std::process::{Output, Stdio};
+
+use freebind_agent::kernel::{self, Mode, Release, REQUIREMENTS};
+use freebind_e2e::{
+    agent_command, ensure_tools, require_root, run_in, show_output, Agent, Cgroup, Link,
+};
+
+/// What a kernel series is expected to lack of [`REQUIREMENTS`] (by row name), and so
+/// which modes the agent runs there.
+fn expected_missing(release: Release) -> Vec<&'static str> {
+    match release {
+        // Debian 12's own kernel, 6.12 LTS, and what these machines run: everything.
+        Release(6, 1) | Release(6, 12) => vec![],
+        r if r >= Release(6, 13) => vec![],
+        r => panic!(
+            "no expectation for Linux {r} in kernel_compat.rs: run `freebind-agent check` \
+             there and add one"
+        ),
+    }
+}
+
+fn running() -> (String, Release) {
+    let uname = kernel::running_release().expect("uname");
+    let release = Release::parse(&uname).unwrap_or_else(|| panic!("release of {uname:?}"));
+    (uname, release)
+}
+
+/// `  ✔ name  detail` rows of `check`, as (mark, name, detail).
+fn rows(stdout: &str) -> Vec<(char, String, String)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("  ")?;
+            let mut chars = rest.chars();
+            let mark = chars.next()?;
+            let rest = chars.as_str().strip_prefix(' ')?;
+            let (name, detail) = rest.split_once("  ").unwrap_or((rest, ""));
+            Some((mark, name.to_string(), detail.trim().to_string()))
+        })
+        .collect()
+}
+
+fn check() -> Output {
+    agent_command()
+        .arg("check")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run freebind-agent check")
+}
+
+#[test]
+fn check_reports_exactly_what_this_kernel_series_lacks_and_which_modes_remain() {
+    if !require_root() {
+        return;
+    }
+    let (uname, release) = running();
+    let missing = expected_missing(release);
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows = rows(&stdout);
+    let mark = |name: &str| {
+        rows.iter()
+            .find(|(_, n, _)| n == name)
+            .unwrap_or_else(|| panic!("no row {name:?} on {uname}:\n{}", show_output(&out)))
+            .0
+    };
+    for r in REQUIREMENTS {
+        let name = r.name();
+        let want = if missing.contains(&name.as_str()) {
+            '✘'
+        } else {
+            '✔'
+        };
+        assert_eq!(
+            mark(&name),
+            want,
+            "{name} on {uname}:\n{}",
+            show_output(&out)
+        );
+    }
+    for name in &missing {
+        assert!(
+            REQUIREMENTS.iter().any(|r| r.name() == *name),
+            "expected_missing names {name:?}, which is no requirement"
+        );
+    }
+    let lacks = |mode: Mode| {
+        REQUIREMENTS.iter().any(|r| {
+            missing.contains(&r.name().as_str()) && (r.mode() == mode || r.mode() == Mode::Both)
+        })
+    };
+    for (mode, row) in [(Mode::Native, "native mode"), (Mode::Steer, "steer mode")] {
+        let want = if lacks(mode) { '✘' } else { '✔' };
+        assert_eq!(mark(row), want, "{row} on {uname}:\n{}", show_output(&out));
+    }
+    let release_row = rows
+        .iter()
+        .find(|(_, n, _)| n == "Linux release")
+        .expect("Linux release row");
+    assert!(
+        release_row.2.starts_with(&uname),
+        "the release row names {uname}: {release_row:?}"
+    );
+    assert_eq!(
+        out.status.success(),
+        missing.is_empty(),
+        "check's exit status on {uname}:\n{}",
+        show_output(&out)
+    );
+}
+
+#[test]
+fn the_agent_says_in_one_debug_line_which_modes_this_kernel_allows() {
+    if !require_root() {
+        return;
+    }
+    ensure_tools();
+    let (uname, release) = running();
+    // With anything missing the agent refuses to start (its bind hooks hold both modes),
+    // naming the first piece and the modes left; check_reports… covers those rows.
+    assert!(
+        expected_missing(release).is_empty(),
+        "no kernel series freebind is tested on lacks anything: update this test with the \
+         refusal line when one does"
+    );
+    let link = Link::new();
+    let cgroup = Cgroup::new("fb-compat");
+    // Said at debug level when nothing is missing (-v), in the refusal itself otherwise.
+    let agent = Agent::run(&link.server, &cgroup, &["-v"]);
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("kernel {uname}:")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line about the kernel in:\n{log}");
+    assert!(
+        lines[0].ends_with(&format!(
+            "every program type, helper and map freebind uses is here ({} probed): native and \
+             steer mode",
+            REQUIREMENTS.len()
+        )),
+        "{}",
+        lines[0]
+    );
+}
+
+/// Every option freebind's setsockopt hook applies itself (freebind-ebpf/src/setsockopt.rs,
+/// measured accepted by `bpf_setsockopt()` on 6.18) must be accepted on this kernel too:
+/// where `bpf_setsockopt()` refused one, the app would keep its option but lose
+/// IP_FREEBIND, and its bind would be parked instead. Each is the only option set before
+/// a bind to a non-local address; the socket must come out freebind, the option applied.
+const OPTIONS_PY: &str = r#"
+import json, socket, sys
+S, T, I = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
+IP_FREEBIND = 15
+opts = [
+    ("SO_REUSEADDR", S, socket.SO_REUSEADDR, 1), ("SO_REUSEPORT", S, socket.SO_REUSEPORT, 1),
+    ("SO_KEEPALIVE", S, socket.SO_KEEPALIVE, 1), ("SO_SNDBUF", S, socket.SO_SNDBUF, 65536),
+    ("SO_RCVBUF", S, socket.SO_RCVBUF, 65536), ("SO_RCVLOWAT", S, socket.SO_RCVLOWAT, 2),
+    ("TCP_NODELAY", T, 1, 1), ("TCP_MAXSEG", T, 2, 1200), ("TCP_KEEPIDLE", T, 4, 30),
+    ("TCP_KEEPINTVL", T, 5, 10), ("TCP_KEEPCNT", T, 6, 3), ("TCP_SYNCNT", T, 7, 3),
+    ("TCP_WINDOW_CLAMP", T, 10, 65536), ("TCP_USER_TIMEOUT", T, 18, 1000),
+    ("TCP_NOTSENT_LOWAT", T, 25, 16384), ("IP_TOS", I, 1, 0x10),
+]
+out = {}
+for i, (name, level, opt, val) in enumerate(opts):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(level, opt, val)
+    fb = s.getsockopt(I, IP_FREEBIND)
+    try:
+        s.bind(("192.0.2.%d" % (150 + i), 7100))
+        bound = s.getsockname()[0]
+    except OSError as e:
+        bound = "errno %d" % e.errno
+    out[name] = {"freebind": fb, "bound": bound}
+    s.close()
+print(json.dumps(out, sort_keys=True))
+"#;
+
+#[test]
+fn every_option_the_setsockopt_hook_applies_turns_native_mode_on_with_this_kernel() {
+    if !require_root() {
+        return;
+    }
+    ensure_tools();
+    let (uname, _) = running();
+    let link = Link::new();
+    let cgroup = Cgroup::new("fb-compat-opts");
+    let _agent = Agent::run(&link.server, &cgroup, &[]);
+    let out = run_in(&link.server, Some(&cgroup), &["python3", "-c", OPTIONS_PY]);
+    assert!(out.status.success(), "{}", show_output(&out));
+    let json: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("json");
+    let mut wrong = Vec::new();
+    for (name, v) in json.as_object().expect("object") {
+        if v["freebind"] != 1
+            || !v["bound"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("192.0.2."))
+        {
+            wrong.push(format!("{name}: {v}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "on {uname}, not native mode after the option alone:\n{}",
+        wrong.join("\n")
+    );
+}
