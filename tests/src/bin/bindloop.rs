@@ -2,7 +2,10 @@
 //! `freebind-bindloop tcp|udp ADDR ITERATIONS self-freebind|plain` runs socket() +
 //! [setsockopt(IP_FREEBIND)] + setsockopt(SO_REUSEADDR) + bind(ADDR:0) + close() and prints
 //! the mean nanoseconds per iteration. Every bind must succeed.
-use std::{net::IpAddr, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,7 +21,8 @@ fn main() {
         libc::SOCK_DGRAM
     };
     let self_freebind = mode == "self-freebind";
-    let (family, sa, len) = sockaddr(addr);
+    let (sa, len) = freebind_e2e::sockaddr(SocketAddr::new(addr, 0));
+    let family = libc::c_int::from(sa.ss_family);
     let one: libc::c_int = 1;
     let optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     let start = Instant::now();
@@ -53,35 +57,4 @@ fn main() {
         }
     }
     println!("{}", start.elapsed().as_nanos() as u64 / iters.max(1));
-}
-
-fn sockaddr(addr: IpAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed sockaddr_storage is valid; we fill one family's view of it.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        IpAddr::V4(a) => {
-            let sin = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
-            (
-                libc::AF_INET,
-                ss,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        }
-        IpAddr::V6(a) => {
-            let sin6 = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_addr.s6_addr = a.octets();
-            (
-                libc::AF_INET6,
-                ss,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        }
-    }
 }

@@ -165,7 +165,7 @@ fn bind_once(c: &Case) -> i32 {
             r = errno();
         }
         if r == 0 {
-            let (ss, len) = sockaddr(sa);
+            let (ss, len) = freebind_e2e::sockaddr(sa);
             if libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) != 0 {
                 r = errno();
             }
@@ -177,37 +177,4 @@ fn bind_once(c: &Case) -> i32 {
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-}
-
-fn sockaddr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage, large enough and aligned for both.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match sa {
-        SocketAddr::V4(a) => {
-            // SAFETY: see above.
-            let sin = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            (
-                ss,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: see above.
-            let sin6 = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            (
-                ss,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        }
-    }
 }
