@@ -212,11 +212,25 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
 
     if wanted("bystanders") {
         println!("\nbystanders: the IP_FREEBIND loop (tcp4) outside any managed cgroup, agent serving another cgroup ÷ no agent");
+        let bystander = || bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind");
+        let mut round = 0;
         let cmp = compare(rounds, || {
+            // Alternate which goes first, as in steer mode: a drift within a round then
+            // favours neither side.
+            let without_first = round % 2 == 1;
+            round += 1;
+            let without = if without_first {
+                Some(bystander()?)
+            } else {
+                None
+            };
             let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
-            let with = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+            let with = bystander()?;
             agent.stop();
-            let without = bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind")?;
+            let without = match without {
+                Some(w) => w,
+                None => bystander()?,
+            };
             Ok((with, without))
         })?;
         print_row("tcp4", &cmp);

@@ -182,6 +182,11 @@ fn churn(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) -> 
         cpu.push((cpu_seconds(agent.pid())? - cpu0) * 1e6 / (2 * CHURN_ADDRESSES) as f64);
         Ok((s * 1e3, p * 1e3))
     })?;
+    ensure!(
+        agent.proc().try_wait().is_none(),
+        "the agent stopped during the address churn:\n{}",
+        agent.log()
+    );
     let cpu = stats(cpu);
     let overruns = agent.log().matches("rtnetlink dropped").count();
     let [s, p, r] = &cmp;
