@@ -421,8 +421,10 @@ done
 # cache=loose: the share is read-only, nothing changes under the guest.
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot \
     || { echo "freebind-guest: cannot mount the host's root"; echo "@EXIT@ 125"; poweroff -f; }
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 target "/newroot@TARGET@" \
-    || echo "freebind-guest: cannot mount @TARGET@ writable"
+# The project (its sources, and the test binaries under target/) may live below a
+# directory that gets a tmpfs next (a clone in /tmp): held aside here, put back after.
+mkdir -p /project
+mount --bind "/newroot@ROOT@" /project
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
@@ -436,6 +438,11 @@ for d in /tmp /run /root /var/tmp /var/log /var/lib /var/cache /etc/freebind; do
     [ -d /newroot$d ] && mount -t tmpfs -o mode=0755 tmpfs /newroot$d
 done
 chmod 1777 /newroot/tmp /newroot/var/tmp
+mkdir -p "/newroot@ROOT@"
+mount --move /project "/newroot@ROOT@" \
+    || echo "freebind-guest: cannot mount the project at @ROOT@"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 target "/newroot@TARGET@" \
+    || echo "freebind-guest: cannot mount @TARGET@ writable"
 mkdir -p /newroot/run/netns /newroot/run/lock /newroot/var/log/nginx /newroot/var/lib/nginx
 cp /tests.sh /newroot/run/freebind-guest-tests.sh
 echo "freebind-guest: running the tests after $(cut -d' ' -f1 /proc/uptime) s"
@@ -461,6 +468,10 @@ fn write_initramfs(kernel: &KernelTree, script: &str, target: &Path, path: &Path
         0o755,
         INIT.replace("@EXIT@", EXIT_MARKER)
             .replace("@TARGET@", &target.to_string_lossy())
+            .replace(
+                "@ROOT@",
+                &target.parent().unwrap_or(target).to_string_lossy(),
+            )
             .as_bytes(),
     );
     cpio.file("tests.sh", 0o755, script.as_bytes());
