@@ -30,9 +30,15 @@ pub struct Installation {
 impl Installation {
     /// A fresh installation; nothing is created until an agent uses it.
     pub fn new(prefix: &str) -> Installation {
+        Installation::below(Path::new(BPFFS), prefix)
+    }
+
+    /// [`Installation::new`] with its pin directory in the bpffs mounted at `bpffs` (a
+    /// test's own mount).
+    pub fn below(bpffs: &Path, prefix: &str) -> Installation {
         let name = unique_name(prefix);
         Installation {
-            pin: Path::new(BPFFS).join(&name),
+            pin: bpffs.join(&name),
             run: Path::new("/run").join(&name),
         }
     }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use freebind_e2e::{
-    add_addr, agent_command, bpf_program_ids_at, bpf_programs_attached, ensure_tools, require_root,
+    add_addr, bpf_program_ids_at, bpf_programs_attached, ensure_tools, require_root,
     scenario::{parked_sockets, try_bind, wait_listening, EADDRNOTAVAIL, SETTLE},
     spawn_in, tcp_request, tool, unique_name, wait_for_log, wait_until, Agent, Cgroup, Daemon,
     Installation, Link, Netns, Proc,
@@ -626,8 +626,7 @@ fn a_removed_cgroup_and_a_deleted_namespace_are_noticed_and_reported_while_the_r
 /// point.
 struct PrivateBpffs {
     mount: PathBuf,
-    pin: PathBuf,
-    run: PathBuf,
+    inst: Installation,
 }
 
 impl PrivateBpffs {
@@ -635,8 +634,7 @@ impl PrivateBpffs {
         let mount = Path::new("/sys/fs/bpf").join(unique_name("fb-rel-mnt"));
         fs::create_dir(&mount).unwrap();
         let me = PrivateBpffs {
-            pin: mount.join("freebind"),
-            run: Path::new("/run").join(unique_name("fb-rel")),
+            inst: Installation::below(&mount, "fb-rel"),
             mount,
         };
         me.mount_it();
@@ -660,13 +658,7 @@ impl PrivateBpffs {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = agent_command();
-        cmd.arg("--pin-dir")
-            .arg(&self.pin)
-            .arg("--run-dir")
-            .arg(&self.run)
-            .args(args);
-        cmd
+        self.inst.command(None, args)
     }
 }
 
@@ -683,9 +675,11 @@ impl Drop for PrivateBpffs {
                 break;
             }
         }
-        let _ = fs::remove_dir_all(&self.pin);
+        // Both directories gone here, the installation's own drop (which would run
+        // `detach --all` against a pin directory no longer mounted) finds nothing to do.
+        let _ = fs::remove_dir_all(self.inst.pin_dir());
         let _ = fs::remove_dir(&self.mount);
-        let _ = fs::remove_dir_all(&self.run);
+        let _ = fs::remove_dir_all(self.inst.run_dir());
     }
 }
 
@@ -731,7 +725,7 @@ fn bpffs_unmounted_under_the_daemon_is_noticed_reported_and_every_attachment_res
             Err(EADDRNOTAVAIL)
         );
     }
-    assert!(fs_.pin.join("maps").is_dir(), "pinned again");
+    assert!(fs_.inst.pin_dir().join("maps").is_dir(), "pinned again");
     assert!(daemon.try_wait().is_none(), "{}", daemon.log());
     let log = daemon.log();
     println!(
