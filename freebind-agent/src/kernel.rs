@@ -852,6 +852,14 @@ pub fn map_lookup<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Resu
     .map(drop)
 }
 
+/// [`bpf`] for the commands that return a new descriptor (a map, a program, a link),
+/// owned at once so that every path closes it.
+fn bpf_new_fd<A>(cmd: libc::c_long, attr: &A) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, (attr as *const A).cast(), mem::size_of::<A>())?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<RawFd> {
     // SAFETY: attr points to a live, correctly sized bpf_attr prefix.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as u32) };
@@ -913,16 +921,8 @@ fn probe_program(hook: Hook, helper: Option<i32>) -> Result<bool> {
         attach_btf_id,
         ..Default::default()
     };
-    match bpf(
-        BPF_PROG_LOAD,
-        (&attr as *const ProgLoadAttr).cast(),
-        mem::size_of::<ProgLoadAttr>(),
-    ) {
-        Ok(fd) => {
-            // SAFETY: we own the fd just returned.
-            unsafe { libc::close(fd) };
-            Ok(true)
-        }
+    match bpf_new_fd(BPF_PROG_LOAD, &attr) {
+        Ok(_) => Ok(true),
         Err(e) => {
             let text = String::from_utf8_lossy(&log);
             if helper.is_some()
@@ -988,16 +988,8 @@ fn probe_sk_storage() -> bool {
         btf_value_type_id: 1,
         ..Default::default()
     };
-    match bpf(
-        BPF_MAP_CREATE,
-        (&attr as *const MapCreateAttr).cast(),
-        mem::size_of::<MapCreateAttr>(),
-    ) {
-        Ok(fd) => {
-            // SAFETY: we own the fd just returned.
-            unsafe { libc::close(fd) };
-            true
-        }
+    match bpf_new_fd(BPF_MAP_CREATE, &attr) {
+        Ok(_) => true,
         Err(e) => !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)),
     }
 }
@@ -1028,13 +1020,7 @@ fn create_map(
         inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
         ..Default::default()
     };
-    let fd = bpf(
-        BPF_MAP_CREATE,
-        (&attr as *const MapCreateAttr).cast(),
-        mem::size_of::<MapCreateAttr>(),
-    )?;
-    // SAFETY: the kernel just returned this fd to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    bpf_new_fd(BPF_MAP_CREATE, &attr)
 }
 
 /// Whether getsockopt(SO_NETNS_COOKIE) works here: on any socket, so a Unix one, which
@@ -1237,13 +1223,7 @@ pub fn link_create(
         attach_type,
         ..Default::default()
     };
-    let fd = bpf(
-        BPF_LINK_CREATE,
-        (&attr as *const LinkAttr).cast(),
-        mem::size_of::<LinkAttr>(),
-    )?;
-    // SAFETY: the kernel just returned this fd to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    bpf_new_fd(BPF_LINK_CREATE, &attr)
 }
 
 /// What the kernel says of a link: its program, and the cgroup id or network namespace
