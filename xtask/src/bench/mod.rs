@@ -213,25 +213,24 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     if wanted("bystanders") {
         println!("\nbystanders: the IP_FREEBIND loop (tcp4) outside any managed cgroup, agent serving another cgroup ÷ no agent");
         let bystander = || bindloop(&bin, &ns, None, "tcp", "192.0.2.55", iters, "self-freebind");
+        let with_agent = || {
+            let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
+            let with = bystander();
+            agent.stop();
+            with
+        };
         let mut round = 0;
         let cmp = compare(rounds, || {
             // Alternate which goes first, as in steer mode: a drift within a round then
             // favours neither side.
-            let without_first = round % 2 == 1;
             round += 1;
-            let without = if without_first {
-                Some(bystander()?)
+            if round % 2 == 1 {
+                let with = with_agent()?;
+                Ok((with, bystander()?))
             } else {
-                None
-            };
-            let agent = Agent::run_binary(&paths.agent, &ns, &elsewhere, &[]);
-            let with = bystander()?;
-            agent.stop();
-            let without = match without {
-                Some(w) => w,
-                None => bystander()?,
-            };
-            Ok((with, without))
+                let without = bystander()?;
+                Ok((with_agent()?, without))
+            }
         })?;
         print_row("tcp4", &cmp);
         let [w, n, r] = &cmp;
