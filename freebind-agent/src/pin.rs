@@ -107,7 +107,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         let own = fs::read_link("/proc/self/ns/mnt").ok();
         if own.is_none() || own != fs::read_link("/proc/1/ns/mnt").ok() {
             bail!(
-                "no bpf filesystem on {BPFFS_MOUNT}, and this agent runs in a mount namespace of                  its own, where a mount would vanish with it: mount bpffs on the host                  (mount -t bpf bpf {BPFFS_MOUNT})"
+                "no bpf filesystem on {BPFFS_MOUNT}, and this agent runs in a mount namespace of \
+                 its own (or cannot read PID 1's), where a mount would vanish with it: mount \
+                 bpffs on the host (mount -t bpf bpf {BPFFS_MOUNT})"
             );
         }
         log::info!("mounting bpffs on {BPFFS_MOUNT} (nothing was mounted there)");

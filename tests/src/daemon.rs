@@ -10,13 +10,11 @@ use std::time::Duration;
 use crate::agent::agent_command;
 use crate::netns::Netns;
 use crate::process::{wait_for_log, Proc};
+use crate::sandbox::{ensure_bpffs, BPFFS};
 use crate::util::{output_of, unique_name};
 
 /// How long a daemon may take to say "ready".
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// bpffs, where installations pin (mounted by the agent when missing).
-const BPFFS: &str = "/sys/fs/bpf";
 
 /// One freebind installation: `--pin-dir` under bpffs and `--run-dir` under /run, both
 /// unique. Dropping it runs `detach --all` against it (no daemon may be running by then:
@@ -30,6 +28,10 @@ pub struct Installation {
 impl Installation {
     /// A fresh installation; nothing is created until an agent uses it.
     pub fn new(prefix: &str) -> Installation {
+        // The agent mounts bpffs itself only when it can tell that it shares PID 1's mount
+        // namespace; where it cannot (PID 1's namespace links unreadable), it refuses, and
+        // every attach would fail for that reason instead of the one a test means.
+        ensure_bpffs();
         Installation::below(Path::new(BPFFS), prefix)
     }
 

@@ -84,7 +84,7 @@ const STAMP_FILE: &str = ".freebind-e2e-root";
 
 /// bpffs, bound into every sandbox so programs pinned on the host are visible inside
 /// (and `BPFProgram=` can name them at the same path).
-const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 
@@ -355,7 +355,7 @@ fn is_bpffs(path: &str) -> bool {
 /// Mounts bpffs at /sys/fs/bpf when it is not one already (it is not by default on these
 /// machines: PID 1 is not systemd). Left mounted: it is the conventional place, and
 /// other users may have pinned things in it meanwhile.
-fn ensure_bpffs() {
+pub(crate) fn ensure_bpffs() {
     if is_bpffs(BPFFS) {
         return;
     }
