@@ -19,6 +19,7 @@ use crate::{
     addrwatch::{ifname, AddrChange, AddrWatch, Transition},
     cgroup::cgroup_id,
     events::{Broadcast, Event},
+    kernel,
     loader::{Attachment, Logger, MapPins, Maps},
     locality::{LocalMap, Locality},
     netns::Netns,
@@ -252,16 +253,29 @@ impl Agent {
         }
         let netns = Arc::new(netns);
         let mut watch = AddrWatch::open(&netns)?;
-        let pin = self.steer_pin(&netns);
-        let steering = Steering::start(&netns, &mut self.steer_maps, pin.as_deref())?;
+        let modes = kernel::modes();
+        let steering = if modes.steer {
+            let pin = self.steer_pin(&netns);
+            Some(Steering::start(
+                &netns,
+                &mut self.steer_maps,
+                pin.as_deref(),
+            )?)
+        } else {
+            None
+        };
         let mut locality = Locality::new(netns.cookie());
         locality.resync(&mut self.local_addrs, &AddrWatch::dump(&netns)?)?;
-        let flags = served_flags::SERVED
-            | if steering.parks_ipv6() {
-                served_flags::V6_PARKING
-            } else {
-                0
-            };
+        let mut flags = served_flags::SERVED;
+        if let Some(steering) = &steering {
+            flags |= served_flags::STEER;
+            if modes.steer_udp {
+                flags |= served_flags::STEER_UDP;
+            }
+            if steering.parks_ipv6() {
+                flags |= served_flags::V6_PARKING;
+            }
+        }
         self.served_netns
             .insert(netns.cookie(), flags, 0)
             .with_context(|| format!("registering {} in SERVED_NETNS", netns.label()))?;
@@ -276,14 +290,19 @@ impl Agent {
                 }
             }
         });
+        let steered = match (modes.steer, modes.steer_udp) {
+            (true, true) => "steering attached",
+            (true, false) => "steering attached for TCP (this kernel cannot steer UDP)",
+            (false, _) => "no steering (this kernel cannot steer)",
+        };
         log::info!(
-            "serving {} (cookie {cookie}): addresses watched, steering attached",
+            "serving {} (cookie {cookie}): addresses watched, {steered}",
             netns.label()
         );
         self.served.push(Served {
             netns,
             locality,
-            steering: Some(steering),
+            steering,
             watch,
         });
         // Parked UDP sockets from before (a daemon restart) enter the new steering map.
@@ -403,6 +422,11 @@ impl Agent {
     /// [`UDP_ITER_MIN_GAP`] per namespace: each run walks every UDP socket there, and a
     /// process binding in a loop must not keep the agent from its other work.
     fn run_pending_udp(&mut self) {
+        if !kernel::modes().steer_udp {
+            // No iterator on this kernel, and no UDP socket is ever parked.
+            self.udp_pending.clear();
+            return;
+        }
         let due: Vec<u64> = self
             .udp_pending
             .iter()

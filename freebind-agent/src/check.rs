@@ -150,8 +150,10 @@ fn requirement_row(r: &Requirement, caps: Caps) -> Row {
             let fix = if refused {
                 "bpf() refused although this process holds the capabilities: a seccomp \
                  filter or an LSM (a container runtime's default profile) blocks it"
-            } else {
+            } else if Mode::Native.needs(r.mode()) {
                 "the agent stops at this error when it starts"
+            } else {
+                "the agent starts without it (see Modes)"
             };
             Row::new(Mark::Missing, r.name(), format!("probe failed: {e:#}")).fix(fix)
         }
@@ -172,7 +174,7 @@ fn modes_section(sections: &[Section]) -> Section {
     let row = |mode: Mode, name: &str, what: &str| {
         let needed: Vec<&Requirement> = REQUIREMENTS
             .iter()
-            .filter(|r| r.mode() == mode || r.mode() == Mode::Both)
+            .filter(|r| mode.needs(r.mode()))
             .collect();
         let with = |mark: Mark| -> Vec<String> {
             needed
@@ -182,16 +184,13 @@ fn modes_section(sections: &[Section]) -> Section {
                 .collect()
         };
         let (missing, unknown) = (with(Mark::Missing), with(Mark::NotProbed));
-        if !missing.is_empty() {
+        if let Some(first) = needed.iter().find(|r| mark_of(r) == Mark::Missing) {
             Row::new(
                 Mark::Missing,
                 name,
                 format!("{what}; this kernel lacks {}", missing.join(", ")),
             )
-            .fix(format!(
-                "upgrade to Linux {} or later",
-                kernel::oldest_release()
-            ))
+            .fix(format!("{}: {}", first.name(), first.remedy()))
         } else if !unknown.is_empty() {
             Row::new(
                 Mark::NotProbed,
@@ -221,7 +220,14 @@ fn modes_section(sections: &[Section]) -> Section {
             row(
                 Mode::Steer,
                 "steer mode",
-                "parking and sk_lookup steering for sockets that bind without setsockopt",
+                "parking and sk_lookup steering for sockets that bind without setsockopt \
+                 (without it: native mode only)",
+            ),
+            row(
+                Mode::SteerUdp,
+                "steer mode for UDP",
+                "parked UDP sockets entered for steering by a BTF iterator (without it: \
+                 TCP steered, UDP left to the kernel)",
             ),
         ],
     }

@@ -679,32 +679,88 @@ impl Requirement {
     }
 }
 
-/// Which of freebind's two mechanisms a requirement serves.
+/// What a requirement is for, which says what the agent does without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Both: the bind hooks, their helpers, the maps the object creates when it loads.
+    /// What every attachment loads: the cgroup programs (the object's cgroup programs load
+    /// as one set, the bind hooks hold both modes' code), their helpers, the maps the
+    /// object creates. Without one the agent does not start.
     Both,
-    /// Native mode: the setsockopt hook and what it calls.
+    /// Native mode: the setsockopt hook and what it calls. Without it the agent does not
+    /// start either.
     Native,
-    /// Steer mode alone: the programs that keep a parked socket working.
+    /// Steer mode: the sk_lookup program that delivers traffic for an intended address to
+    /// its parked socket. Without it nothing is parked: binds that steer mode would take
+    /// fail with EADDRNOTAVAIL, as they do without freebind.
     Steer,
+    /// Steer mode for UDP: the UDP socket iterator that enters parked UDP sockets in the
+    /// steering map (it attaches by BTF id, so it needs the kernel's BTF too). Without it,
+    /// UDP binds that steer mode would take are left to the kernel; TCP is still steered.
+    SteerUdp,
+}
+
+impl Mode {
+    /// Whether this mode cannot work when a requirement of mode `of` is missing.
+    pub fn needs(self, of: Mode) -> bool {
+        match self {
+            Mode::Both => of == Mode::Both,
+            Mode::Native => matches!(of, Mode::Both | Mode::Native),
+            Mode::Steer => matches!(of, Mode::Both | Mode::Steer),
+            Mode::SteerUdp => matches!(of, Mode::Both | Mode::Steer | Mode::SteerUdp),
+        }
+    }
 }
 
 impl Requirement {
-    /// The mode that cannot work without it. The eBPF object is loaded whole (every map is
-    /// created, the bind hooks hold both modes' code), so most rows are [`Mode::Both`].
+    /// What it is for (see [`Mode`]).
     pub fn mode(&self) -> Mode {
         let hook = match self.probe {
-            Probe::Btf => return Mode::Steer,
+            Probe::Btf => return Mode::SteerUdp,
             Probe::Program(hook) | Probe::Helper(hook, ..) => hook,
             Probe::NetnsCookie | Probe::Map(_) => return Mode::Both,
         };
         match hook.section {
             "cgroup/setsockopt" => Mode::Native,
-            "cgroup/bind4" | "cgroup/bind6" => Mode::Both,
-            _ => Mode::Steer,
+            "sk_lookup" => Mode::Steer,
+            "iter/udp" => Mode::SteerUdp,
+            _ => Mode::Both,
         }
     }
+}
+
+/// What the agent does on this kernel: native mode always (it does not start without
+/// it), steering where the kernel has what it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modes {
+    /// sk_lookup steering, and so parking at all.
+    pub steer: bool,
+    /// Parked UDP sockets entered for steering (implies `steer`).
+    pub steer_udp: bool,
+}
+
+impl Modes {
+    /// Everything: what the agent assumes where it has not probed (`status`, unit tests).
+    pub const ALL: Modes = Modes {
+        steer: true,
+        steer_udp: true,
+    };
+
+    /// Whether sockets of `protocol` (`IPPROTO_TCP`/`IPPROTO_UDP`) may be parked.
+    pub fn steers(&self, protocol: u8) -> bool {
+        if protocol == freebind_common::IPPROTO_UDP {
+            self.steer_udp
+        } else {
+            self.steer
+        }
+    }
+}
+
+/// Set once by [`check_features`] at start.
+static MODES: std::sync::OnceLock<Modes> = std::sync::OnceLock::new();
+
+/// What this kernel lets the agent do, as [`check_features`] found it.
+pub fn modes() -> Modes {
+    MODES.get().copied().unwrap_or(Modes::ALL)
 }
 
 /// What this kernel has of what freebind uses: the requirements it lacks.
@@ -718,68 +774,100 @@ impl Features {
     pub fn probe() -> Result<Self> {
         let mut missing = Vec::new();
         for r in REQUIREMENTS {
-            if !r.probe()? {
+            let present = match r.probe() {
+                Ok(present) => present,
+                // A probe that cannot run (the iterator's BTF id cannot be read without
+                // the kernel's BTF) fails what it probes, and the agent can go on without
+                // a steering piece; without anything else it cannot.
+                Err(e) if !Mode::Native.needs(r.mode()) => {
+                    log::debug!("probing {}: {e:#}", r.name());
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            if !present {
                 missing.push(r);
             }
         }
         Ok(Self { missing })
     }
 
-    /// Whether `mode` can work here: nothing it or both modes need is missing.
+    /// Whether `mode` can work here: nothing it needs is missing.
     pub fn has(&self, mode: Mode) -> bool {
+        self.missing.iter().all(|r| !mode.needs(r.mode()))
+    }
+
+    /// What the agent does here.
+    pub fn modes(&self) -> Modes {
+        Modes {
+            steer: self.has(Mode::Steer),
+            steer_udp: self.has(Mode::SteerUdp),
+        }
+    }
+
+    /// The missing requirements that `mode` needs, by name.
+    fn missing_for(&self, mode: Mode) -> String {
         self.missing
             .iter()
-            .all(|r| r.mode() != mode && r.mode() != Mode::Both)
+            .filter(|r| mode.needs(r.mode()))
+            .map(|r| r.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// One line for the agent's log and `check`: which modes this kernel allows, and why
-    /// not the other.
+    /// not the others.
     pub fn summary(&self, release: &str) -> String {
-        let names = |mode: Mode| {
-            self.missing
-                .iter()
-                .filter(|r| r.mode() == mode || r.mode() == Mode::Both)
-                .map(|r| r.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match (self.has(Mode::Native), self.has(Mode::Steer)) {
+        if !self.has(Mode::Native) {
+            return format!(
+                "kernel {release}: freebind cannot run here; missing {}",
+                self.missing_for(Mode::Native)
+            );
+        }
+        match (self.has(Mode::Steer), self.has(Mode::SteerUdp)) {
             (true, true) => format!(
                 "kernel {release}: every program type, helper and map freebind uses is here \
                  ({} probed): native and steer mode",
                 REQUIREMENTS.len()
             ),
             (true, false) => format!(
-                "kernel {release}: native mode only; steer mode needs {} (Linux {} or later)",
-                names(Mode::Steer),
-                oldest_release()
+                "kernel {release}: native mode, and steer mode for TCP only; steering UDP \
+                 needs {}: UDP binds that steer mode would take fail with EADDRNOTAVAIL, as \
+                 without freebind",
+                self.missing_for(Mode::SteerUdp)
             ),
-            (false, true) => format!(
-                "kernel {release}: steer mode only; native mode needs {}",
-                names(Mode::Native)
-            ),
-            (false, false) => format!(
-                "kernel {release}: neither mode works; missing {}",
-                names(Mode::Both)
+            (false, _) => format!(
+                "kernel {release}: native mode only; steer mode needs {}: binds that steer \
+                 mode would take fail with EADDRNOTAVAIL, as without freebind",
+                self.missing_for(Mode::Steer)
             ),
         }
     }
 }
 
 /// Checks every program type, helper and map type freebind loads, and says in one line
-/// what this kernel allows. Refuses to go on with anything missing: the eBPF object is one
-/// whole (its bind hooks park sockets whether or not the steer programs could load), so a
-/// kernel without a steer-mode piece is named here rather than half-served later.
+/// what this kernel allows. Refuses to go on without what every attachment loads or
+/// native mode needs, naming the first missing piece; without what steering needs it goes
+/// on with less, saying so, and [`modes`] tells the rest of the agent.
 pub fn check_features() -> Result<Features> {
     let features = Features::probe()?;
     let release = running_release().unwrap_or_else(|_| "?".to_string());
     let summary = features.summary(&release);
-    if let Some(first) = features.missing.first() {
+    if let Some(first) = features
+        .missing
+        .iter()
+        .find(|r| Mode::Native.needs(r.mode()))
+    {
         bail!("{}; {summary}", first.missing());
     }
-    // Debug only: with nothing missing there is no degradation to report, and a refusal
-    // for another reason must stay one line on stderr.
-    log::debug!("{summary}");
+    if features.missing.is_empty() {
+        // Debug only: with nothing missing there is no degradation to report, and a
+        // refusal for another reason must stay one line on stderr.
+        log::debug!("{summary}");
+    } else {
+        log::warn!("{summary}");
+    }
+    let _ = MODES.set(features.modes());
     Ok(features)
 }
 
@@ -1293,6 +1381,69 @@ pub fn netns_cookie(fd: RawFd) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lacking(names: &[&str]) -> Features {
+        Features {
+            missing: names
+                .iter()
+                .map(|n| {
+                    REQUIREMENTS
+                        .iter()
+                        .find(|r| r.name() == *n)
+                        .unwrap_or_else(|| panic!("no requirement {n}"))
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn what_a_kernel_lacks_decides_what_the_agent_does_there() {
+        let all = lacking(&[]);
+        assert_eq!(all.modes(), Modes::ALL);
+        assert!(all.summary("6.1").ends_with("native and steer mode"));
+
+        let no_btf = lacking(&["BTF", "iter/udp"]);
+        assert!(no_btf.has(Mode::Native) && no_btf.has(Mode::Steer));
+        assert_eq!(
+            no_btf.modes(),
+            Modes {
+                steer: true,
+                steer_udp: false
+            }
+        );
+        assert!(no_btf
+            .summary("x")
+            .contains("steer mode for TCP only; steering UDP needs BTF, iter/udp:"));
+
+        let no_lookup = lacking(&["sk_lookup"]);
+        assert_eq!(
+            no_lookup.modes(),
+            Modes {
+                steer: false,
+                steer_udp: false
+            }
+        );
+        assert!(no_lookup
+            .summary("x")
+            .contains("native mode only; steer mode needs sk_lookup:"));
+
+        // What every attachment loads, or native mode, cannot be done without.
+        for name in ["cgroup/getsockname4", "cgroup/setsockopt", "BPF_MAP_TYPE_RINGBUF"] {
+            let f = lacking(&[name]);
+            assert!(!f.has(Mode::Native), "{name}");
+            assert!(f.summary("x").contains("freebind cannot run here"), "{name}");
+        }
+        assert!(Modes {
+            steer: true,
+            steer_udp: false
+        }
+        .steers(freebind_common::IPPROTO_TCP));
+        assert!(!Modes {
+            steer: true,
+            steer_udp: false
+        }
+        .steers(freebind_common::IPPROTO_UDP));
+    }
 
     #[test]
     fn releases_are_read_from_uname_strings() {

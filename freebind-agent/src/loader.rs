@@ -219,8 +219,8 @@ fn check_object() -> Result<()> {
 }
 
 impl Attachment {
-    /// Loads the object, verifies every cgroup program and the UDP iterator, and fills the
-    /// policy; attaches nothing.
+    /// Loads the object, verifies every cgroup program and the UDP iterator (where the
+    /// kernel can steer UDP), and fills the policy; attaches nothing.
     pub fn load(policy: &Policy, pins: MapPins<'_>) -> Result<(Self, Maps)> {
         check_object()?;
         let mut ebpf = loader(pins)
@@ -241,15 +241,20 @@ impl Attachment {
             };
             loaded.with_context(|| format!("verifying {name}"))?;
         }
-        let btf = Btf::from_sys_fs()
-            .context("reading the kernel's BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)")?;
-        let iter: &mut Iter = program(&mut ebpf, programs::ITER_UDP)?;
-        iter.load("udp", &btf).with_context(|| {
-            format!(
-                "verifying {} (a UDP socket iterator, Linux 5.9)",
-                programs::ITER_UDP
-            )
-        })?;
+        // Without the iterator (no BTF to attach it by) nothing parks UDP sockets: the
+        // agent tells the bind hooks so through SERVED_NETNS.
+        if kernel::modes().steer_udp {
+            let btf = Btf::from_sys_fs().context(
+                "reading the kernel's BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)",
+            )?;
+            let iter: &mut Iter = program(&mut ebpf, programs::ITER_UDP)?;
+            iter.load("udp", &btf).with_context(|| {
+                format!(
+                    "verifying {} (a UDP socket iterator, Linux 5.9)",
+                    programs::ITER_UDP
+                )
+            })?;
+        }
 
         let map_ids = MapIds {
             sock_state: map_id(&ebpf, maps::SOCK_STATE),

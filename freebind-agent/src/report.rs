@@ -83,6 +83,12 @@ pub fn describe(ev: &BindEvent) -> (log::Level, String) {
             );
             (Info, steered.as_str())
         }
+        Verdict::NoParking if !crate::kernel::modes().steers(ev.protocol) => (
+            Warn,
+            "not local, and no setsockopt() came before bind(); steer mode would take it, but \
+             this kernel cannot steer these sockets (see `freebind-agent check`): \
+             EADDRNOTAVAIL, as without freebind",
+        ),
         Verdict::NoParking => (
             Warn,
             "not local, and steer mode has no parking address left for it in this network \

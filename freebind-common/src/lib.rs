@@ -101,6 +101,11 @@ pub mod served_flags {
     pub const SERVED: u8 = 1 << 0;
     /// The agent assigned the IPv6 parking addresses there (not when IPv6 is off).
     pub const V6_PARKING: u8 = 1 << 1;
+    /// Steering is attached there (sk_lookup): TCP sockets may be parked.
+    pub const STEER: u8 = 1 << 2;
+    /// Parked UDP sockets are entered for steering there (the kernel has the UDP
+    /// iterator): UDP sockets may be parked too.
+    pub const STEER_UDP: u8 = 1 << 3;
 }
 
 /// Where steer mode parks sockets. Both sides derive parking addresses from slots with

@@ -158,6 +158,16 @@ fn verdict(
     if flags & sock_flags::NATIVE != 0 {
         return (Verdict::Freebind, 0);
     }
+    // Where the kernel lacks a steering piece the agent leaves the flag out: the bind
+    // fails as it would without freebind rather than park where nothing steers.
+    let steers = if protocol == IPPROTO_TCP as u32 {
+        served_flags::STEER
+    } else {
+        served_flags::STEER_UDP
+    };
+    if served & steers == 0 {
+        return (Verdict::NoParking, 0);
+    }
     // A parked socket is bound to its parking address, so the kernel cannot see that the
     // address and port it asked for are taken (by another freebind socket, or a parked
     // one): ask the lookup, which our sk_lookup program answers for parked sockets too.

@@ -7,11 +7,18 @@
 //! with all of it is [`kernel::oldest_release`] (5.18, for `bpf_set_retval` in the bind
 //! hooks). A kernel series this file has no expectation for is a failure, so that a new
 //! one is looked at instead of passing unseen.
-use std::process::{Output, Stdio};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+};
 
 use freebind_agent::kernel::{self, Mode, Release, REQUIREMENTS};
 use freebind_e2e::{
-    agent_command, ensure_tools, require_root, run_in, show_output, Agent, Cgroup, Link,
+    agent_command, agent_path, ensure_tools, require_root, run_in,
+    scenario::{self, EADDRNOTAVAIL},
+    show_output, spawn_in, tcp_request, wait_until, Agent, Cgroup, Link, TempDir,
 };
 
 /// What a kernel series is expected to lack of [`REQUIREMENTS`] (by row name), and so
@@ -57,6 +64,13 @@ fn check() -> Output {
         .expect("run freebind-agent check")
 }
 
+/// `check`'s rows under "Modes", by the mode each stands for.
+const MODE_ROWS: [(Mode, &str); 3] = [
+    (Mode::Native, "native mode"),
+    (Mode::Steer, "steer mode"),
+    (Mode::SteerUdp, "steer mode for UDP"),
+];
+
 #[test]
 fn check_reports_exactly_what_this_kernel_series_lacks_and_which_modes_remain() {
     if !require_root() {
@@ -94,11 +108,11 @@ fn check_reports_exactly_what_this_kernel_series_lacks_and_which_modes_remain() 
         );
     }
     let lacks = |mode: Mode| {
-        REQUIREMENTS.iter().any(|r| {
-            missing.contains(&r.name().as_str()) && (r.mode() == mode || r.mode() == Mode::Both)
-        })
+        REQUIREMENTS
+            .iter()
+            .any(|r| missing.contains(&r.name().as_str()) && mode.needs(r.mode()))
     };
-    for (mode, row) in [(Mode::Native, "native mode"), (Mode::Steer, "steer mode")] {
+    for (mode, row) in MODE_ROWS {
         let want = if lacks(mode) { '✘' } else { '✔' };
         assert_eq!(mark(row), want, "{row} on {uname}:\n{}", show_output(&out));
     }
@@ -125,8 +139,8 @@ fn the_agent_says_in_one_debug_line_which_modes_this_kernel_allows() {
     }
     ensure_tools();
     let (uname, release) = running();
-    // With anything missing the agent refuses to start (its bind hooks hold both modes),
-    // naming the first piece and the modes left; check_reports… covers those rows.
+    // With anything missing the line is a warning (and, for what every attachment loads,
+    // the refusal itself); the test below covers that on a kernel without BTF.
     assert!(
         expected_missing(release).is_empty(),
         "no kernel series freebind is tested on lacks anything: update this test with the \
@@ -216,3 +230,149 @@ fn every_option_the_setsockopt_hook_applies_turns_native_mode_on_with_this_kerne
         wrong.join("\n")
     );
 }
+
+/// The agent as it runs on a kernel built without BTF (`CONFIG_DEBUG_INFO_BTF` off), as
+/// far as anything it does can tell: in a mount namespace of its own where
+/// `/sys/kernel/btf` is an empty tmpfs. The UDP iterator attaches by a BTF id read from
+/// there; nothing else freebind loads needs the kernel's BTF.
+struct WithoutBtf {
+    _dir: TempDir,
+    wrapper: PathBuf,
+}
+
+impl WithoutBtf {
+    fn new() -> Self {
+        let dir = TempDir::new("fb-compat-nobtf");
+        let wrapper = dir.path().join("freebind-agent-without-btf");
+        // `unshare --mount` makes the new namespace's mounts private, so the tmpfs is
+        // seen by the agent alone; `exec` keeps the agent's pid the one started.
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec unshare --mount sh -c 'mount -t tmpfs -o ro nobtf /sys/kernel/btf \
+                 && exec \"$0\" \"$@\"' {} \"$@\"\n",
+                agent_path().display()
+            ),
+        )
+        .expect("write the wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self { _dir: dir, wrapper }
+    }
+}
+
+#[test]
+fn without_the_kernels_btf_the_agent_keeps_native_mode_and_tcp_steering_and_leaves_udp_to_the_kernel(
+) {
+    if !require_root() {
+        return;
+    }
+    ensure_tools();
+    let (uname, _) = running();
+    let no_btf = WithoutBtf::new();
+
+    let out = Command::new(&no_btf.wrapper)
+        .arg("check")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run check without BTF");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows = rows(&stdout);
+    let mark = |name: &str| {
+        rows.iter()
+            .find(|(_, n, _)| n == name)
+            .unwrap_or_else(|| panic!("no row {name:?}:\n{}", show_output(&out)))
+            .0
+    };
+    for (row, want) in [
+        ("BTF", '✘'),
+        ("iter/udp", '✘'),
+        ("sk_lookup", '✔'),
+        ("native mode", '✔'),
+        ("steer mode", '✔'),
+        ("steer mode for UDP", '✘'),
+    ] {
+        assert_eq!(mark(row), want, "{row} without BTF:\n{}", show_output(&out));
+    }
+    assert!(
+        !out.status.success(),
+        "check passes without BTF:\n{}",
+        show_output(&out)
+    );
+
+    let link = Link::new();
+    let cgroup = Cgroup::new("fb-compat-nobtf");
+    let agent = Agent::run_binary(&no_btf.wrapper, &link.server, &cgroup, &[]);
+    let log = agent.log();
+    let kernel_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("kernel {uname}:")))
+        .collect();
+    assert_eq!(
+        kernel_lines.len(),
+        1,
+        "one line about the kernel in:\n{log}"
+    );
+    assert!(
+        kernel_lines[0].contains("WARN")
+            && kernel_lines[0].contains(
+                "native mode, and steer mode for TCP only; steering UDP needs BTF, iter/udp"
+            ),
+        "{}",
+        kernel_lines[0]
+    );
+    assert!(
+        log.contains("steering attached for TCP (this kernel cannot steer UDP)"),
+        "{log}"
+    );
+
+    // A UDP server that binds with no setsockopt() first, as steer mode would take it:
+    // left to the kernel, which refuses the absent address.
+    let udp = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[ECHO_SERVER, "udp", "192.0.2.40", "7200"],
+    );
+    let status = udp.wait_timeout(scenario::SETTLE).unwrap_or_else(|| {
+        panic!(
+            "the UDP server bound 192.0.2.40 without BTF:\n{}",
+            udp.log()
+        )
+    });
+    assert!(!status.success(), "{}", udp.log());
+    assert!(
+        udp.log().contains(&format!("os error {EADDRNOTAVAIL}")),
+        "the UDP server's bind must fail with EADDRNOTAVAIL:\n{}",
+        udp.log()
+    );
+    let decision = scenario::wait_bind_decision(&agent, &udp, "192.0.2.40:7200", "udp");
+    assert_eq!(decision.verdict, "no-parking", "{}", decision.line);
+    assert!(
+        decision.line.contains("this kernel cannot steer"),
+        "{}",
+        decision.line
+    );
+    assert!(
+        scenario::parked_sockets(&link.server, "udp", 7200).is_empty(),
+        "nothing may be parked for UDP"
+    );
+
+    // Native mode is untouched: the same bind after SO_REUSEADDR succeeds.
+    assert_eq!(
+        scenario::try_bind(&link.server, Some(&cgroup), "udp", "192.0.2.40", 7201, true),
+        Ok(())
+    );
+
+    // TCP is still steered: parked before its address exists, reached once it does.
+    let tcp = spawn_in(
+        &link.server,
+        Some(&cgroup),
+        &[ECHO_SERVER, "tcp", "192.0.2.41", "7202"],
+    );
+    scenario::wait_parked(&link.server, "tcp", 7202, 1, &tcp);
+    scenario::add_server_addr(&link, "192.0.2.41/24");
+    wait_until("the steered TCP server answers", scenario::SETTLE, || {
+        tcp_request(&link.client, "192.0.2.41", 7202, b"ping").as_deref() == Ok(b"ping".as_slice())
+    });
+}
+
+const ECHO_SERVER: &str = env!("CARGO_BIN_EXE_freebind-echo-server");

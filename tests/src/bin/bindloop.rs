@@ -31,21 +31,23 @@ fn main() {
         unsafe {
             let fd = libc::socket(family, ty | libc::SOCK_CLOEXEC, 0);
             assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let set = |level, opt| {
+                let r =
+                    libc::setsockopt(fd, level, opt, (&one as *const libc::c_int).cast(), optlen);
+                assert!(
+                    r == 0,
+                    "setsockopt {level}/{opt}: {}",
+                    std::io::Error::last_os_error()
+                );
+            };
             if self_freebind {
-                let (level, opt) = if family == libc::AF_INET {
-                    (libc::SOL_IP, libc::IP_FREEBIND)
+                if family == libc::AF_INET {
+                    set(libc::SOL_IP, libc::IP_FREEBIND);
                 } else {
-                    (libc::SOL_IPV6, 78)
-                };
-                libc::setsockopt(fd, level, opt, (&one as *const libc::c_int).cast(), optlen);
+                    set(libc::SOL_IPV6, libc::IPV6_FREEBIND);
+                }
             }
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&one as *const libc::c_int).cast(),
-                optlen,
-            );
+            set(libc::SOL_SOCKET, libc::SO_REUSEADDR);
             if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
                 eprintln!(
                     "bind {addr} failed at iteration {i}: {}",

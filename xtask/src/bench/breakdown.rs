@@ -1,9 +1,11 @@
 //! Where the bind path's time goes: one more pass of each case with the kernel's per-program
-//! run-time statistics on, read back per program attached to the bench cgroup. The
-//! statistics add two clock reads to every program run (tens of ns), so these passes are
-//! not part of the ratios; they say which program costs what, and how much of the
-//! difference is outside the programs (the hooks' own work, and freeing socket storage at
-//! close).
+//! run-time statistics on, read back per program attached to the bench cgroup, and the
+//! loop with the same syscalls and no BPF (a namespace with `ip_nonlocal_bind=1`) right
+//! after it. The statistics add two clock reads to every program run (tens of ns) and are
+//! on for every BPF program of the host while the pass runs, so these passes are not part
+//! of the ratios; they say which program costs what, and how much of the difference to
+//! the kernel's own path is outside the programs (the hooks' own work, and freeing socket
+//! storage at close; the statistics' clock reads land there too).
 use std::{collections::BTreeMap, os::fd::FromRawFd, process::Command};
 
 use anyhow::{ensure, Context as _, Result};
@@ -55,29 +57,38 @@ fn program_stats(cgroup: &Cgroup) -> Result<BTreeMap<String, (u64, u64)>> {
     Ok(out)
 }
 
-/// One statistics pass per bind case; `deltas` are each case's median difference
-/// (managed − baseline, ns per bind) from the measured rounds.
+/// One statistics pass per bind case: the managed loop in `ns` and `cgroup`, then the
+/// same loop in `nonlocal` and `unmanaged` (same syscalls, no BPF).
 pub(super) fn run(
     bin: &std::path::Path,
     ns: &Netns,
+    nonlocal: &Netns,
     cgroup: &Cgroup,
+    unmanaged: &Cgroup,
     iters: u64,
-    deltas: &[(&str, f64)],
     results: &mut Vec<serde_json::Value>,
 ) -> Result<()> {
     println!(
         "\nwhere the difference goes: ns per bind in each program (kernel run-time statistics, \
-         one extra pass; they add tens of ns per program run)"
+         one extra pass; they add tens of ns per program run), against the same syscalls \
+         without BPF"
     );
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>22}",
-        "case", "fb_setsockopt", "fb_bind4/6", "programs", "rest of Δ (hooks, close)"
+        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>22}",
+        "case",
+        "fb_setsockopt",
+        "fb_bind4/6",
+        "programs",
+        "Δ same syscalls",
+        "outside the programs"
     );
     let _stats = enable_stats()?;
-    for ((proto, addr, label), (_, delta)) in BIND_CASES.iter().zip(deltas) {
+    for (proto, addr, label) in BIND_CASES {
         let before = program_stats(cgroup)?;
-        bindloop(bin, ns, Some(cgroup), proto, addr, iters, "plain")?;
+        let managed = bindloop(bin, ns, Some(cgroup), proto, addr, iters, "plain")?;
         let after = program_stats(cgroup)?;
+        let same = bindloop(bin, nonlocal, Some(unmanaged), proto, addr, iters, "plain")?;
+        let delta = managed - same;
         let per_bind = |name: &str| {
             let (t0, _) = before.get(name).copied().unwrap_or_default();
             let (t1, _) = after.get(name).copied().unwrap_or_default();
@@ -87,13 +98,14 @@ pub(super) fn run(
         let bind = per_bind("fb_bind4") + per_bind("fb_bind6");
         let programs: f64 = after.keys().map(|name| per_bind(name)).sum();
         println!(
-            "{label:<10} {setsockopt:>14.0} {bind:>14.0} {programs:>14.0} {:>22.0}",
+            "{label:<10} {setsockopt:>14.0} {bind:>14.0} {programs:>14.0} {delta:>14.0} {:>22.0}",
             delta - programs
         );
         results.push(json!({
             "benchmark": "bind_path_breakdown", "case": label, "unit": "ns/bind",
             "fb_setsockopt": setsockopt, "fb_bind": bind, "all_programs": programs,
-            "median_delta": delta, "outside_programs": delta - programs,
+            "managed_with_stats": managed, "same_syscalls": same,
+            "delta_same_syscalls": delta, "outside_programs": delta - programs,
         }));
     }
     Ok(())

@@ -20,7 +20,7 @@ use anyhow::{ensure, Context as _, Result};
 use freebind_e2e::{bpf_program_ids_at, Agent, Cgroup, Daemon, Installation, Netns};
 use serde_json::json;
 
-use super::{bindloop, compare, print_row, stats};
+use super::{bindloop, compare, print_row, rotate, stats, Comparison};
 use crate::paths::Paths;
 
 /// Programs one attachment puts on a cgroup.
@@ -62,6 +62,20 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
+/// Waits until `pid` has used no CPU for 200 ms (at most 30 s); its CPU seconds then.
+fn wait_idle(pid: u32) -> Result<f64> {
+    let start = Instant::now();
+    let mut last = cpu_seconds(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = cpu_seconds(pid)?;
+        if now == last || start.elapsed() > Duration::from_secs(30) {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 fn attach(rounds: usize, results: &mut Vec<serde_json::Value>) -> Result<()> {
     let rounds = rounds.min(3);
     println!(
@@ -78,6 +92,9 @@ fn attach(rounds: usize, results: &mut Vec<serde_json::Value>) -> Result<()> {
     let ns = Netns::new("fb-bench-scale");
     let inst = Installation::new("fb-bench-scale");
     let daemon = Daemon::start(&inst, &ns, &[]);
+    // The median time of attaching to one cgroup: loading and verifying the programs is
+    // in it, so (T(n) − T(1)) / (n − 1) is what each further cgroup costs.
+    let mut one_ms = None;
     for n in CGROUP_COUNTS {
         let mut per_cgroup = Vec::new();
         let cmp = compare(rounds, || {
@@ -102,7 +119,13 @@ fn attach(rounds: usize, results: &mut Vec<serde_json::Value>) -> Result<()> {
             Ok((after / 1024.0, before / 1024.0))
         })?;
         let per = stats(per_cgroup);
-        let [after, before, ratio] = &cmp;
+        let total_ms = per.median * n as f64;
+        let further_ms = match one_ms {
+            Some(one) if n > 1 => Some((total_ms - one) / (n - 1) as f64),
+            _ => None,
+        };
+        one_ms.get_or_insert(total_ms);
+        let (after, before, ratio) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
         println!(
             "{n:<10} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>8.1} {:>8.1}   {:>6.3} {:>6.3} {:>6.3}",
             per.min,
@@ -117,7 +140,8 @@ fn attach(rounds: usize, results: &mut Vec<serde_json::Value>) -> Result<()> {
         );
         results.push(json!({
             "benchmark": "scale_attach", "case": format!("{n} cgroups"),
-            "ms_per_cgroup": per.json(), "rss_mib_after": after.json(),
+            "rounds": rounds, "ms_per_cgroup": per.json(),
+            "ms_per_further_cgroup": further_ms, "rss_mib_after": after.json(),
             "rss_mib_before": before.json(), "rss_ratio": ratio.json(),
         }));
     }
@@ -164,24 +188,24 @@ fn churn(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) -> 
         .map(|i| format!("address add 2001:db8:c::{:x}/128 dev lo nodad\n", i + 1))
         .collect();
     let del = add.replace("address add", "address del");
+    let churn = |ns: &Netns| -> Result<f64> { Ok(ip_batch(ns, &add)? + ip_batch(ns, &del)?) };
     let mut cpu = Vec::new();
-    let mut round = 0;
-    let cmp = compare(rounds, || {
-        let churn = |ns: &Netns| -> Result<f64> { Ok(ip_batch(ns, &add)? + ip_batch(ns, &del)?) };
-        let cpu0 = cpu_seconds(agent.pid())?;
-        let (s, p) = if round % 2 == 0 {
-            let s = churn(&served)?;
-            (s, churn(&plain)?)
-        } else {
-            let p = churn(&plain)?;
-            (churn(&served)?, p)
-        };
-        round += 1;
-        // The agent may still be working through the last notifications.
-        std::thread::sleep(Duration::from_secs(1));
-        cpu.push((cpu_seconds(agent.pid())? - cpu0) * 1e6 / (2 * CHURN_ADDRESSES) as f64);
-        Ok((s * 1e3, p * 1e3))
-    })?;
+    let [s, p] = rotate(
+        rounds,
+        [
+            &mut || {
+                let cpu0 = cpu_seconds(agent.pid())?;
+                let s = churn(&served)?;
+                // The agent may still be working through the last notifications: let it
+                // finish before the other half shares the CPUs, and count all of it.
+                let cpu1 = wait_idle(agent.pid())?;
+                cpu.push((cpu1 - cpu0) * 1e6 / (2 * CHURN_ADDRESSES) as f64);
+                Ok(s * 1e3)
+            },
+            &mut || Ok(churn(&plain)? * 1e3),
+        ],
+    )?;
+    let cmp = Comparison::new(&s, &p);
     ensure!(
         agent.proc().try_wait().is_none(),
         "the agent stopped during the address churn:\n{}",
@@ -189,7 +213,7 @@ fn churn(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) -> 
     );
     let cpu = stats(cpu);
     let overruns = agent.log().matches("rtnetlink dropped").count();
-    let [s, p, r] = &cmp;
+    let (s, p, r) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
     println!(
         "{:<10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}   {:>6.1} {:>6.1} {:>6.1}",
         "churn", s.min, s.median, s.max, p.min, p.median, p.max, r.min, r.median, r.max,
@@ -198,6 +222,7 @@ fn churn(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) -> 
     println!("rtnetlink overruns (the agent re-read every address): {overruns}");
     results.push(json!({
         "benchmark": "address_churn", "addresses": CHURN_ADDRESSES, "unit": "ms",
+        "rounds": rounds,
         "served": s.json(), "unserved": p.json(), "ratio": r.json(),
         "agent_cpu_us_per_change": cpu.json(), "rtnetlink_overruns": overruns,
     }));
@@ -232,7 +257,10 @@ fn events(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) ->
             EVENT_BINDS,
             "plain",
         )?;
-        // Everything the ring held is drained within a few of the agent's 50 ms ticks.
+        // The rate is what the agent logged while the loop ran; what the ring still holds
+        // when it ends (up to the ring's size in events) is drained afterwards, within a
+        // few of the agent's 50 ms ticks, and only counted for the books.
+        let during = agent.log().matches(bind_line).count() - logged0;
         std::thread::sleep(Duration::from_secs(2));
         let log = agent.log();
         let logged = log.matches(bind_line).count() - logged0;
@@ -241,7 +269,7 @@ fn events(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) ->
             logged as u64 + dropped == EVENT_BINDS,
             "{logged} events logged and {dropped} lost for {EVENT_BINDS} binds"
         );
-        logged_rate.push(logged as f64 / (with * EVENT_BINDS as f64 / 1e9));
+        logged_rate.push(during as f64 / (with * EVENT_BINDS as f64 / 1e9));
         lost.push(dropped as f64);
 
         agent.proc().signal(libc::SIGSTOP);
@@ -265,9 +293,9 @@ fn events(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) ->
          lost per {EVENT_BINDS} binds: {:.0} {:.0} {:.0}",
         rate.min, rate.median, rate.max, lost.min, lost.median, lost.max
     );
-    let [w, s, r] = &cmp;
+    let (w, s, r) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
     results.push(json!({
-        "benchmark": "events", "binds": EVENT_BINDS, "unit": "ns/bind",
+        "benchmark": "events", "binds": EVENT_BINDS, "unit": "ns/bind", "rounds": rounds,
         "agent_logging": w.json(), "agent_stopped": s.json(), "ratio": r.json(),
         "logged_per_second": rate.json(), "lost_per_run": lost.json(),
     }));

@@ -51,9 +51,9 @@ fn ratio(r: &Value) -> &Value {
     }
 }
 
-pub(super) fn markdown(machine: &str, results: &[Value]) -> String {
+pub(super) fn markdown(machine: &str, commit: &str, results: &[Value]) -> String {
     let mut out = format!(
-        "Taken on {machine} with `cargo xtask bench`.\n\n\
+        "Taken on {machine} with `cargo xtask bench` at commit {commit}.\n\n\
          | figure | unit | measured | baseline | ratio | goal | notes |\n\
          |---|---|---|---|---|---|---|\n"
     );
@@ -69,11 +69,20 @@ pub(super) fn markdown(machine: &str, results: &[Value]) -> String {
         };
         let notes = match bench {
             "bind_path" => format!(
-                "Δ {:.0} ns/bind",
-                r["delta_ns_per_bind"].as_f64().unwrap_or(0.0)
+                "Δ {} ns/bind; the same syscalls without BPF: {} ns, ratio {}",
+                range(&r["delta_ns_per_bind"], 0),
+                range(&r["baseline_same_syscalls"], 0),
+                range(&r["ratio_same_syscalls"], 3)
             ),
+            "bystander" => format!("Δ {} ns/bind", range(&r["delta_ns_per_bind"], 0)),
             "steer" => format!("Δ {} ns/call", range(&r["delta_ns_per_call"], 0)),
-            "scale_attach" => format!("{} ms per cgroup", range(&r["ms_per_cgroup"], 2)),
+            "scale_attach" => match r["ms_per_further_cgroup"].as_f64() {
+                Some(further) => format!(
+                    "{} ms per cgroup; {further:.2} ms for each cgroup past the first",
+                    range(&r["ms_per_cgroup"], 2)
+                ),
+                None => format!("{} ms per cgroup", range(&r["ms_per_cgroup"], 2)),
+            },
             "address_churn" => format!(
                 "{} addresses added + removed; agent {} µs CPU per change; {} rtnetlink overruns",
                 r["addresses"],
@@ -102,18 +111,20 @@ pub(super) fn markdown(machine: &str, results: &[Value]) -> String {
         .collect();
     if !breakdown.is_empty() {
         out.push_str(
-            "\nBind path, ns per bind (kernel run-time statistics, one extra pass):\n\n\
-             | case | fb_setsockopt | fb_bind4/6 | all programs | Δ outside the programs |\n\
-             |---|---|---|---|---|\n",
+            "\nBind path, ns per bind (kernel run-time statistics on, one extra pass; Δ is \
+             that pass against the same syscalls without BPF):\n\n\
+             | case | fb_setsockopt | fb_bind4/6 | all programs | Δ | outside the programs |\n\
+             |---|---|---|---|---|---|\n",
         );
         for r in breakdown {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             out.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
                 r["case"].as_str().unwrap_or_default(),
                 f("fb_setsockopt"),
                 f("fb_bind"),
                 f("all_programs"),
+                f("delta_same_syscalls"),
                 f("outside_programs")
             ));
         }
