@@ -1428,10 +1428,17 @@ mod tests {
             .contains("native mode only; steer mode needs sk_lookup:"));
 
         // What every attachment loads, or native mode, cannot be done without.
-        for name in ["cgroup/getsockname4", "cgroup/setsockopt", "BPF_MAP_TYPE_RINGBUF"] {
+        for name in [
+            "cgroup/getsockname4",
+            "cgroup/setsockopt",
+            "BPF_MAP_TYPE_RINGBUF",
+        ] {
             let f = lacking(&[name]);
             assert!(!f.has(Mode::Native), "{name}");
-            assert!(f.summary("x").contains("freebind cannot run here"), "{name}");
+            assert!(
+                f.summary("x").contains("freebind cannot run here"),
+                "{name}"
+            );
         }
         assert!(Modes {
             steer: true,

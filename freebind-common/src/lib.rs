@@ -108,6 +108,64 @@ pub mod served_flags {
     pub const STEER_UDP: u8 = 1 << 3;
 }
 
+/// The options native mode applies on the application's behalf before it turns the
+/// syscall into `IP_FREEBIND`: integers that `bpf_setsockopt()` accepts from the
+/// setsockopt hook (measured on 6.18; the end-to-end tests check each on every kernel they
+/// run on) and whose kernel path has no capability check. `bpf_setsockopt()` skips
+/// `ns_capable()` (`sockopt_ns_capable()` returns true in a BPF context), so SO_PRIORITY,
+/// SO_MARK and SO_BINDTOIFINDEX are deliberately absent: applying them there would let an
+/// unprivileged process do what the kernel refuses it.
+pub mod native_options {
+    pub const SOL_IP: i32 = 0;
+    pub const SOL_SOCKET: i32 = 1;
+    pub const SOL_TCP: i32 = 6;
+    pub const SOL_IPV6: i32 = 41;
+
+    /// Which sockets an option applies to: `bpf_setsockopt()` takes `SOL_IP` options on
+    /// AF_INET sockets only and `SOL_IPV6` ones on AF_INET6 only, TCP ones on TCP only.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum On {
+        Any,
+        Tcp,
+        Inet,
+        Inet6,
+    }
+
+    /// (name, level, optname, which sockets).
+    pub const OPTIONS: [(&str, i32, i32, On); 17] = [
+        ("SO_REUSEADDR", SOL_SOCKET, 2, On::Any),
+        ("SO_SNDBUF", SOL_SOCKET, 7, On::Any),
+        ("SO_RCVBUF", SOL_SOCKET, 8, On::Any),
+        ("SO_KEEPALIVE", SOL_SOCKET, 9, On::Any),
+        ("SO_REUSEPORT", SOL_SOCKET, 15, On::Any),
+        ("SO_RCVLOWAT", SOL_SOCKET, 18, On::Any),
+        ("TCP_NODELAY", SOL_TCP, 1, On::Tcp),
+        ("TCP_MAXSEG", SOL_TCP, 2, On::Tcp),
+        ("TCP_KEEPIDLE", SOL_TCP, 4, On::Tcp),
+        ("TCP_KEEPINTVL", SOL_TCP, 5, On::Tcp),
+        ("TCP_KEEPCNT", SOL_TCP, 6, On::Tcp),
+        ("TCP_SYNCNT", SOL_TCP, 7, On::Tcp),
+        ("TCP_WINDOW_CLAMP", SOL_TCP, 10, On::Tcp),
+        ("TCP_USER_TIMEOUT", SOL_TCP, 18, On::Tcp),
+        ("TCP_NOTSENT_LOWAT", SOL_TCP, 25, On::Tcp),
+        ("IP_TOS", SOL_IP, 1, On::Inet),
+        ("IPV6_TCLASS", SOL_IPV6, 67, On::Inet6),
+    ];
+
+    /// Whether `level`/`optname` is one of [`OPTIONS`]: a match rather than a walk of the
+    /// table, for the setsockopt hook, which runs on every setsockopt() of a fresh socket.
+    #[inline(always)]
+    pub fn can_apply(level: i32, optname: i32) -> bool {
+        match level {
+            SOL_SOCKET => matches!(optname, 2 | 7 | 8 | 9 | 15 | 18),
+            SOL_TCP => matches!(optname, 1 | 2 | 4..=7 | 10 | 18 | 25),
+            SOL_IP => optname == 1,
+            SOL_IPV6 => optname == 67,
+            _ => false,
+        }
+    }
+}
+
 /// Where steer mode parks sockets. Both sides derive parking addresses from slots with
 /// these functions, so the agent can name them in its logs and assign them.
 pub mod parking {
@@ -430,6 +488,22 @@ mod tests {
         }
         assert!((Verdict::ALL.len() as u32) < VERDICT_SLOTS);
         assert!(Verdict::from_u8(0).is_none());
+    }
+
+    #[test]
+    fn the_setsockopt_hooks_match_is_exactly_the_option_table() {
+        use native_options::{can_apply, OPTIONS};
+        for level in [0, 1, 6, 17, 41, 255, 263] {
+            for optname in 0..128 {
+                assert_eq!(
+                    can_apply(level, optname),
+                    OPTIONS
+                        .iter()
+                        .any(|&(_, l, o, _)| l == level && o == optname),
+                    "level {level}, optname {optname}"
+                );
+            }
+        }
     }
 
     #[test]

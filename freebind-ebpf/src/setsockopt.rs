@@ -15,51 +15,19 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use freebind_common::{sock_flags, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, NATIVE_MARK};
+use freebind_common::{
+    native_options::{can_apply, SOL_IP, SOL_IPV6},
+    sock_flags, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, NATIVE_MARK,
+};
 
 use crate::sock;
 
 const TCP_CLOSE: u32 = 7;
 
-const SOL_IP: i32 = 0;
-const SOL_SOCKET: i32 = 1;
-const SOL_TCP: i32 = 6;
-const SOL_IPV6: i32 = 41;
-
-const IP_TOS: i32 = 1;
 const IP_FREEBIND: i32 = 15;
 const IP_TRANSPARENT: i32 = 19;
-const IPV6_TCLASS: i32 = 67;
 const IPV6_TRANSPARENT: i32 = 75;
 const IPV6_FREEBIND: i32 = 78;
-
-const SO_REUSEADDR: i32 = 2;
-const SO_KEEPALIVE: i32 = 9;
-const SO_SNDBUF: i32 = 7;
-const SO_RCVBUF: i32 = 8;
-const SO_REUSEPORT: i32 = 15;
-const SO_RCVLOWAT: i32 = 18;
-
-/// Options the program may apply on the application's behalf: integers that
-/// `bpf_setsockopt()` accepts (measured on 6.18) and whose kernel path has no capability
-/// check. `bpf_setsockopt()` skips `ns_capable()` (`sockopt_ns_capable()` returns true in
-/// a BPF context), so SO_PRIORITY, SO_MARK and SO_BINDTOIFINDEX are deliberately absent:
-/// applying them here would let an unprivileged process do what the kernel refuses it.
-#[inline(always)]
-fn can_apply(level: i32, optname: i32) -> bool {
-    match level {
-        SOL_SOCKET => matches!(
-            optname,
-            SO_REUSEADDR | SO_REUSEPORT | SO_KEEPALIVE | SO_SNDBUF | SO_RCVBUF | SO_RCVLOWAT
-        ),
-        // TCP_NODELAY, TCP_MAXSEG, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_SYNCNT,
-        // TCP_WINDOW_CLAMP (10), TCP_USER_TIMEOUT (18), TCP_NOTSENT_LOWAT (25).
-        SOL_TCP => matches!(optname, 1 | 2 | 4..=7 | 10 | 18 | 25),
-        SOL_IP => optname == IP_TOS,
-        SOL_IPV6 => optname == IPV6_TCLASS,
-        _ => false,
-    }
-}
 
 #[inline(always)]
 fn is_freebind_option(level: i32, optname: i32) -> bool {

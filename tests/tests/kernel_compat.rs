@@ -15,11 +15,13 @@ use std::{
 };
 
 use freebind_agent::kernel::{self, Mode, Release, REQUIREMENTS};
+use freebind_common::native_options::{self, On};
 use freebind_e2e::{
     agent_command, agent_path, ensure_tools, require_root, run_in,
     scenario::{self, EADDRNOTAVAIL},
     show_output, spawn_in, tcp_request, wait_until, Agent, Cgroup, Link, TempDir,
 };
+use serde_json::json;
 
 /// What a kernel series is expected to lack of [`REQUIREMENTS`] (by row name), and so
 /// which modes the agent runs there.
@@ -167,38 +169,52 @@ fn the_agent_says_in_one_debug_line_which_modes_this_kernel_allows() {
     );
 }
 
-/// Every option freebind's setsockopt hook applies itself (freebind-ebpf/src/setsockopt.rs,
-/// measured accepted by `bpf_setsockopt()` on 6.18) must be accepted on this kernel too:
-/// where `bpf_setsockopt()` refused one, the app would keep its option but lose
-/// IP_FREEBIND, and its bind would be parked instead. Each is the only option set before
-/// a bind to a non-local address; the socket must come out freebind, the option applied.
+/// Every option freebind's setsockopt hook applies itself ([`native_options::OPTIONS`],
+/// measured accepted by `bpf_setsockopt()` on 6.18) must be accepted on this kernel too,
+/// on every kind of socket it applies to: where `bpf_setsockopt()` refused one, the app
+/// would keep its option but lose IP_FREEBIND, and its bind would be parked instead. Each
+/// is the only option set before a bind to a non-local address; the socket must come out
+/// freebind, bound where it asked, with the option's value read back.
 const OPTIONS_PY: &str = r#"
 import json, socket, sys
-S, T, I = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
-IP_FREEBIND = 15
-opts = [
-    ("SO_REUSEADDR", S, socket.SO_REUSEADDR, 1), ("SO_REUSEPORT", S, socket.SO_REUSEPORT, 1),
-    ("SO_KEEPALIVE", S, socket.SO_KEEPALIVE, 1), ("SO_SNDBUF", S, socket.SO_SNDBUF, 65536),
-    ("SO_RCVBUF", S, socket.SO_RCVBUF, 65536), ("SO_RCVLOWAT", S, socket.SO_RCVLOWAT, 2),
-    ("TCP_NODELAY", T, 1, 1), ("TCP_MAXSEG", T, 2, 1200), ("TCP_KEEPIDLE", T, 4, 30),
-    ("TCP_KEEPINTVL", T, 5, 10), ("TCP_KEEPCNT", T, 6, 3), ("TCP_SYNCNT", T, 7, 3),
-    ("TCP_WINDOW_CLAMP", T, 10, 65536), ("TCP_USER_TIMEOUT", T, 18, 1000),
-    ("TCP_NOTSENT_LOWAT", T, 25, 16384), ("IP_TOS", I, 1, 0x10),
-]
 out = {}
-for i, (name, level, opt, val) in enumerate(opts):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+for name, level, opt, val, family, kind, addr, port in json.loads(sys.argv[1]):
+    v6 = family == 6
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                      socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     s.setsockopt(level, opt, val)
-    fb = s.getsockopt(I, IP_FREEBIND)
+    fb = s.getsockopt(41, 78) if v6 else s.getsockopt(0, 15)
     try:
-        s.bind(("192.0.2.%d" % (150 + i), 7100))
+        s.bind((addr, port))
         bound = s.getsockname()[0]
     except OSError as e:
         bound = "errno %d" % e.errno
-    out[name] = {"freebind": fb, "bound": bound}
+    out["%s %s%d" % (name, kind, family)] = {
+        "freebind": fb, "bound": bound, "wanted": addr, "value": s.getsockopt(level, opt)}
     s.close()
 print(json.dumps(out, sort_keys=True))
 "#;
+
+/// A value for each option that differs from the kernel's default (so reading it back
+/// shows that the option, not only IP_FREEBIND, was applied).
+fn option_value(name: &str) -> i64 {
+    match name {
+        "SO_REUSEADDR" | "SO_REUSEPORT" | "SO_KEEPALIVE" | "TCP_NODELAY" => 1,
+        // The kernel doubles buffer sizes and reports the doubled value.
+        "SO_SNDBUF" | "SO_RCVBUF" => 65536,
+        "SO_RCVLOWAT" => 2,
+        "TCP_MAXSEG" => 1200,
+        "TCP_KEEPIDLE" => 30,
+        "TCP_KEEPINTVL" => 10,
+        "TCP_KEEPCNT" => 3,
+        "TCP_SYNCNT" => 3,
+        "TCP_WINDOW_CLAMP" => 65536,
+        "TCP_USER_TIMEOUT" => 1000,
+        "TCP_NOTSENT_LOWAT" => 16384,
+        "IP_TOS" | "IPV6_TCLASS" => 0x10,
+        other => panic!("no test value for {other}: add one to option_value()"),
+    }
+}
 
 #[test]
 fn every_option_the_setsockopt_hook_applies_turns_native_mode_on_with_this_kernel() {
@@ -210,24 +226,65 @@ fn every_option_the_setsockopt_hook_applies_turns_native_mode_on_with_this_kerne
     let link = Link::new();
     let cgroup = Cgroup::new("fb-compat-opts");
     let _agent = Agent::run(&link.server, &cgroup, &[]);
-    let out = run_in(&link.server, Some(&cgroup), &["python3", "-c", OPTIONS_PY]);
+    let mut cases = Vec::new();
+    for (i, (name, level, opt, on)) in native_options::OPTIONS.into_iter().enumerate() {
+        for (family, kind) in [(4, "tcp"), (6, "tcp"), (4, "udp"), (6, "udp")] {
+            let applies = match on {
+                On::Any => true,
+                On::Tcp => kind == "tcp",
+                On::Inet => family == 4,
+                On::Inet6 => family == 6,
+            };
+            if applies {
+                let addr = if family == 4 {
+                    format!("192.0.2.{}", 150 + i)
+                } else {
+                    format!("2001:db8::{:x}", 0x150 + i)
+                };
+                cases.push(json!([
+                    name,
+                    level,
+                    opt,
+                    option_value(name),
+                    family,
+                    kind,
+                    addr,
+                    7100
+                ]));
+            }
+        }
+    }
+    let cases = serde_json::to_string(&cases).expect("json");
+    let out = run_in(
+        &link.server,
+        Some(&cgroup),
+        &["python3", "-c", OPTIONS_PY, &cases],
+    );
     assert!(out.status.success(), "{}", show_output(&out));
     let json: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("json");
+    let results = json.as_object().expect("object");
     let mut wrong = Vec::new();
-    for (name, v) in json.as_object().expect("object") {
-        if v["freebind"] != 1
-            || !v["bound"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("192.0.2."))
-        {
-            wrong.push(format!("{name}: {v}"));
+    for (case, v) in results {
+        let name = case.split(' ').next().unwrap_or_default();
+        let value = v["value"].as_i64().unwrap_or(-1);
+        let applied = match name {
+            "SO_SNDBUF" | "SO_RCVBUF" => value >= option_value(name),
+            _ => value == option_value(name),
+        };
+        if v["freebind"] != 1 || v["bound"] != v["wanted"] || !applied {
+            wrong.push(format!("{case}: {v}"));
         }
     }
     assert!(
         wrong.is_empty(),
-        "on {uname}, not native mode after the option alone:\n{}",
+        "on {uname}, not native mode (or the option not applied) after the option alone:\n{}",
         wrong.join("\n")
+    );
+    assert_eq!(
+        results.len(),
+        serde_json::from_str::<Vec<serde_json::Value>>(&cases).map_or(0, |c| c.len()),
+        "one result per case"
     );
 }
 
