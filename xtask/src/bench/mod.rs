@@ -83,6 +83,19 @@ impl Stats {
     pub(crate) fn json(&self) -> serde_json::Value {
         json!({"min": self.min, "median": self.median, "max": self.max})
     }
+
+    /// `min median max` in columns of `width`, with `digits` decimals (`+` signed when
+    /// `signed`: a difference).
+    pub(crate) fn cols(&self, width: usize, digits: usize, signed: bool) -> String {
+        let f = |v: f64| {
+            if signed {
+                format!("{v:>+width$.digits$}")
+            } else {
+                format!("{v:>width$.digits$}")
+            }
+        };
+        format!("{} {} {}", f(self.min), f(self.median), f(self.max))
+    }
 }
 
 /// A figure against its baseline over the same rounds: both, and their per-round ratio
@@ -147,11 +160,12 @@ pub(crate) fn rotate<const N: usize>(
     Ok(samples)
 }
 
-fn row(label: &str, c: &Comparison) -> String {
-    let (m, b, r) = (&c.measured, &c.baseline, &c.ratio);
+pub(crate) fn row(label: &str, c: &Comparison) -> String {
     format!(
-        "{label:<10} {:>8.0} {:>8.0} {:>8.0}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
-        m.min, m.median, m.max, b.min, b.median, b.max, r.min, r.median, r.max
+        "{label:<10} {}   {}   {}",
+        c.measured.cols(8, 0, false),
+        c.baseline.cols(8, 0, false),
+        c.ratio.cols(6, 3, false)
     )
 }
 
@@ -277,14 +291,10 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             let limit = Comparison::new(&managed, &freebind);
             let syscalls = Comparison::new(&managed, &same);
             println!(
-                "{}   {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}",
+                "{}   {}   {}",
                 row(label, &limit),
-                syscalls.baseline.min,
-                syscalls.baseline.median,
-                syscalls.baseline.max,
-                syscalls.ratio.min,
-                syscalls.ratio.median,
-                syscalls.ratio.max
+                syscalls.baseline.cols(8, 0, false),
+                syscalls.ratio.cols(6, 3, false)
             );
             results.push(json!({
                 "benchmark": "bind_path", "case": label, "unit": "ns/bind",
@@ -345,13 +355,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
                 ],
             )?;
             let cmp = Comparison::new(&with, &without);
-            println!(
-                "{}   {:>+7.0} {:>+7.0} {:>+7.0}",
-                row(label, &cmp),
-                cmp.delta.min,
-                cmp.delta.median,
-                cmp.delta.max
-            );
+            println!("{}   {}", row(label, &cmp), cmp.delta.cols(7, 0, true));
             results.push(json!({
                 "benchmark": "bystander", "case": label, "unit": "ns/bind",
                 "rounds": rounds, "iterations": iters,
@@ -688,13 +692,7 @@ fn steer(
                 Ok((s, b))
             })?;
             let delta = stats(deltas);
-            println!(
-                "{}   {:>+7.0} {:>+7.0} {:>+7.0}",
-                row(&label, &cmp),
-                delta.min,
-                delta.median,
-                delta.max
-            );
+            println!("{}   {}", row(&label, &cmp), delta.cols(7, 0, true));
             let (s, b, r) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
             let parked = parking
                 .iter()

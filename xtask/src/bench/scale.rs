@@ -20,7 +20,7 @@ use anyhow::{ensure, Context as _, Result};
 use freebind_e2e::{bpf_program_ids_at, Agent, Cgroup, Daemon, Installation, Netns};
 use serde_json::json;
 
-use super::{bindloop, compare, print_row, rotate, stats, Comparison};
+use super::{bindloop, compare, print_row, rotate, row, stats, Comparison};
 use crate::paths::Paths;
 
 /// Programs one attachment puts on a cgroup.
@@ -127,16 +127,10 @@ fn attach(rounds: usize, results: &mut Vec<serde_json::Value>) -> Result<()> {
         one_ms.get_or_insert(total_ms);
         let (after, before, ratio) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
         println!(
-            "{n:<10} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>8.1} {:>8.1}   {:>6.3} {:>6.3} {:>6.3}",
-            per.min,
-            per.median,
-            per.max,
-            after.min,
-            after.median,
-            after.max,
-            ratio.min,
-            ratio.median,
-            ratio.max
+            "{n:<10} {} {}   {}",
+            per.cols(8, 2, false),
+            after.cols(8, 1, false),
+            ratio.cols(6, 3, false)
         );
         results.push(json!({
             "benchmark": "scale_attach", "case": format!("{n} cgroups"),
@@ -214,11 +208,7 @@ fn churn(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) -> 
     let cpu = stats(cpu);
     let overruns = agent.log().matches("rtnetlink dropped").count();
     let (s, p, r) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
-    println!(
-        "{:<10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0}   {:>6.3} {:>6.3} {:>6.3}   {:>6.1} {:>6.1} {:>6.1}",
-        "churn", s.min, s.median, s.max, p.min, p.median, p.max, r.min, r.median, r.max,
-        cpu.min, cpu.median, cpu.max
-    );
+    println!("{}   {}", row("churn", &cmp), cpu.cols(6, 1, false));
     println!("rtnetlink overruns (the agent re-read every address): {overruns}");
     results.push(json!({
         "benchmark": "address_churn", "addresses": CHURN_ADDRESSES, "unit": "ms",
@@ -289,9 +279,10 @@ fn events(paths: &Paths, rounds: usize, results: &mut Vec<serde_json::Value>) ->
     print_row("tcp4", &cmp);
     let (rate, lost) = (stats(logged_rate), stats(lost));
     println!(
-        "events logged per second while binding (min/med/max): {:.0} {:.0} {:.0}; \
-         lost per {EVENT_BINDS} binds: {:.0} {:.0} {:.0}",
-        rate.min, rate.median, rate.max, lost.min, lost.median, lost.max
+        "events logged per second while binding (min/med/max): {}; lost per {EVENT_BINDS} \
+         binds: {}",
+        rate.cols(0, 0, false),
+        lost.cols(0, 0, false)
     );
     let (w, s, r) = (&cmp.measured, &cmp.baseline, &cmp.ratio);
     results.push(json!({
