@@ -301,7 +301,7 @@ impl Manager {
         if let Some(pid) = e.pid {
             text += &format!("pid = {pid}\n");
         }
-        pin::write_atomically(&self.dirs.records().join(key), &text)
+        pin::write_atomically(&self.dirs.records().join(key), &text, pin::PRIVATE)
     }
 
     /// Attaches an entry where its selector points now: matching cgroups, a unit's drop-in

@@ -24,6 +24,10 @@ use crate::paths::{StateDirs, BPFFS_MOUNT};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The mode of the records the agent writes: they name cgroups and policies, which the
+/// 0600 config keeps to root as well.
+pub const PRIVATE: u32 = 0o600;
+
 /// Maps that every attachment of one installation shares, pinned in
 /// [`StateDirs::shared_maps`]: a socket is judged the same whichever attachment sees it,
 /// parking slots are allocated once per namespace, and one reader drains the events.
@@ -132,7 +136,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
             return Err(e).context(format!("mounting bpffs on {BPFFS_MOUNT}"));
         }
     }
-    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))
+    create_trusted_dir(pin_dir)
 }
 
 fn fs_magic(path: &Path) -> Result<i64> {
@@ -153,7 +157,7 @@ pub fn create_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<(
     let parent = target
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", target.display()))?;
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    create_trusted_dir(parent)?;
     let name = target
         .file_name()
         .ok_or_else(|| anyhow!("{} has no name", target.display()))?;
@@ -213,8 +217,7 @@ pub struct StateLock {
 impl StateLock {
     /// Takes the lock, or returns the pid of the process holding it.
     pub fn try_acquire(dirs: &StateDirs) -> Result<std::result::Result<Self, Option<u32>>> {
-        fs::create_dir_all(&dirs.run)
-            .with_context(|| format!("creating state directory {}", dirs.run.display()))?;
+        create_trusted_dir(&dirs.run)?;
         let path = dirs.lock_file();
         let mut file = OpenOptions::new()
             .read(true)
@@ -253,15 +256,15 @@ impl StateLock {
     }
 }
 
-/// Writes `contents` to `path` atomically: a synced temporary file (mode 0644) renamed into
+/// Writes `contents` to `path` atomically: a synced temporary file (of `mode`) renamed into
 /// place, so a reader (systemd reading a drop-in, the next agent reading a record) never
 /// sees half a file. The temporary name starts with a dot and does not end like `path`,
 /// so systemd ignores it should it read the directory meanwhile.
-pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+pub fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_trusted_dir(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
@@ -271,7 +274,7 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(mode)
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(contents.as_bytes())?;
@@ -282,6 +285,51 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates `dir` (and its parents) as needed, mode 0755 whatever the umask, and refuses
+/// it when it is not a directory only root (or this agent's user) can change: whoever
+/// else can write it can rename or remove what freebind keeps there (`/sys/fs/bpf` is
+/// world-writable on many hosts, so a pin directory below it may have been made by
+/// anyone before the agent first ran).
+pub fn create_trusted_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    if !dir.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        // The umask may have taken more than group and other write.
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    }
+    let meta =
+        fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        bail!(
+            "{} is a symbolic link: freebind keeps its state only in a real directory",
+            dir.display()
+        );
+    }
+    if meta.uid() != 0 && meta.uid() != euid {
+        bail!(
+            "{}: owned by uid {}, who could rename or remove what freebind keeps there; \
+             refused (remove it, or chown root {0})",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{}: writable by its group or by others (mode {:04o}), who could rename or remove \
+             what freebind keeps there; refused (chmod 755 {0})",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// A directory's entries by name, without temporary ones.

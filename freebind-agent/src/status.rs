@@ -61,7 +61,7 @@ impl ForegroundRecord {
         }
         let path = dirs.foreground().join(self.pid.to_string());
         let text = serde_json::to_string(self).context("encoding the foreground record")?;
-        pin::write_atomically(&path, &text)?;
+        pin::write_atomically(&path, &text, pin::PRIVATE)?;
         Ok(ForegroundGuard(path))
     }
 }

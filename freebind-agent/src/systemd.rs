@@ -399,7 +399,8 @@ impl Systemd {
     pub fn write_dropin(&self, unit: &str, contents: &str) -> Result<PathBuf> {
         check_unit_name(unit)?;
         let path = self.dropin_path(unit);
-        crate::pin::write_atomically(&path, contents)?;
+        // systemd reads its own drop-ins as root, but `systemctl cat` shows them to anyone.
+        crate::pin::write_atomically(&path, contents, 0o644)?;
         Ok(path)
     }
 

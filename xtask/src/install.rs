@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::Write as _,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -338,7 +338,14 @@ fn replace_file(dest: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.xtask-{}", std::process::id()));
     let write = || -> Result<()> {
-        let mut file = fs::File::create(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        // Created with its final mode (the umask can only narrow it): a config is never
+        // readable by others, even for a moment.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
