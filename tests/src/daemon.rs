@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::agent::agent_command;
 use crate::netns::Netns;
 use crate::process::{wait_for_log, Proc};
-use crate::sandbox::{ensure_bpffs, BPFFS};
+use crate::sandbox::ensure_bpffs;
 use crate::util::{output_of, unique_name};
 
 /// How long a daemon may take to say "ready".
@@ -31,8 +31,7 @@ impl Installation {
         // The agent mounts bpffs itself only when it can tell that it shares PID 1's mount
         // namespace; where it cannot (PID 1's namespace links unreadable), it refuses, and
         // every attach would fail for that reason instead of the one a test means.
-        ensure_bpffs();
-        Installation::below(Path::new(BPFFS), prefix)
+        Installation::below(ensure_bpffs(), prefix)
     }
 
     /// [`Installation::new`] with its pin directory in the bpffs mounted at `bpffs` (a

@@ -36,7 +36,7 @@ pub use netns::{
     VethPair,
 };
 pub use process::{run_in, run_in_timeout, spawn_in, wait_for_log, Proc};
-pub use sandbox::{sandbox_root, Sandbox, SandboxBuilder, MIRROR_ENV, SANDBOX_ROOT};
+pub use sandbox::{ensure_bpffs, sandbox_root, Sandbox, SandboxBuilder, MIRROR_ENV, SANDBOX_ROOT};
 pub use tools::{
     bpf_program_ids_at, bpf_programs_attached, bpf_programs_attached_at, ensure_doc_tools,
     ensure_metrics_tools, ensure_tools, require_root, tool,

@@ -13,12 +13,15 @@ const NETNS_RUN_DIR: &str = "/run/netns";
 /// A named network namespace made with `ip netns add`, with `lo` up (the steer mode parks
 /// sockets on loopback addresses, which needs `lo` up). Dropping it runs `ip netns del`;
 /// the kernel then destroys the namespace and its virtual links once nothing holds it.
+/// [`Netns::of_process`] is a handle of a namespace that may have no name.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
-    /// `/run/netns/NAME`, opened once so children and threads can `setns()` into it
-    /// without opening anything after `fork()`.
+    /// `/run/netns/NAME` (or `/proc/PID/ns/net`), opened once so children and threads can
+    /// `setns()` into it without opening anything after `fork()`.
     fd: File,
+    /// Whether `name` is an `ip netns` name of ours (deleted on drop).
+    named: bool,
 }
 
 impl Netns {
@@ -34,12 +37,35 @@ impl Netns {
                 panic!("cannot open {path} after `ip netns add`: {e}");
             }
         };
-        let ns = Netns { name, fd };
+        let ns = Netns {
+            name,
+            fd,
+            named: true,
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
 
-    /// The namespace's name (as `ip netns list` shows it).
+    /// The network namespace process `pid` lives in, entered through `/proc/PID/ns/net`
+    /// (opened now), also when it has no name any more (`ip netns del` removes only the
+    /// name; the namespace lives while a process or a descriptor holds it). Commands run in
+    /// it by `setns()` rather than through a name; dropping the handle only closes it.
+    pub fn of_process(pid: u32) -> Netns {
+        let path = format!("/proc/{pid}/ns/net");
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &fd.metadata()
+                .unwrap_or_else(|e| panic!("cannot stat {path}: {e}")),
+        );
+        Netns {
+            name: format!("net:[{ino}] of pid {pid}"),
+            fd,
+            named: false,
+        }
+    }
+
+    /// The namespace's name (as `ip netns list` shows it); for [`Netns::of_process`], a
+    /// label.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -55,21 +81,39 @@ impl Netns {
     }
 
     fn exec_command(&self, args: &[&str]) -> Command {
+        if !self.named {
+            let (program, rest) = args.split_first().expect("a command to run");
+            let mut cmd = self.command(program);
+            cmd.args(rest);
+            return cmd;
+        }
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    fn ip_command(&self, args: &[&str]) -> Command {
+        let mut cmd = if self.named {
+            let mut cmd = Command::new("ip");
+            cmd.arg("-n").arg(&self.name);
+            cmd
+        } else {
+            self.command("ip")
+        };
+        cmd.args(args);
         cmd
     }
 
     /// Runs `ip -n NAME args...` (no mount-namespace games, unlike `ip netns exec`),
     /// panics with its output unless it exits 0, returns its stdout.
     pub fn ip(&self, args: &[&str]) -> String {
-        let out = check_output(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        let out = check_output(&mut self.ip_command(args));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `ip -n NAME args...` and returns its output whatever the exit status.
     pub fn try_ip(&self, args: &[&str]) -> Output {
-        output_of(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        output_of(&mut self.ip_command(args))
     }
 
     /// A `Command` for `program` that enters this namespace between `fork()` and `exec()`
@@ -127,7 +171,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        run_quiet(Command::new("ip").args(["netns", "del", &self.name]));
+        if self.named {
+            run_quiet(Command::new("ip").args(["netns", "del", &self.name]));
+        }
     }
 }
 

@@ -353,16 +353,17 @@ fn is_bpffs(path: &str) -> bool {
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not one already (it is not by default on these
-/// machines: PID 1 is not systemd). Left mounted: it is the conventional place, and
-/// other users may have pinned things in it meanwhile.
-pub(crate) fn ensure_bpffs() {
+/// machines: PID 1 is not systemd) and returns that directory. Left mounted: it is the
+/// conventional place, and other users may have pinned things in it meanwhile.
+pub fn ensure_bpffs() -> &'static Path {
+    let path = Path::new(BPFFS);
     if is_bpffs(BPFFS) {
-        return;
+        return path;
     }
     // Under the cache lock so parallel processes do not stack two mounts.
     let _lock = CacheLock::take();
     if is_bpffs(BPFFS) {
-        return;
+        return path;
     }
     let c = |s: &str| CString::new(s).unwrap_or_else(|e| panic!("{s}: {e}"));
     let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
@@ -382,6 +383,7 @@ pub(crate) fn ensure_bpffs() {
             std::io::Error::last_os_error()
         );
     }
+    path
 }
 
 // ---------------------------------------------------------------------------------------

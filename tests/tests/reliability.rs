@@ -8,22 +8,26 @@
 //! prints its figures (`reliability: …`) for the record.
 use std::{
     fs,
-    io::{Read as _, Write as _},
+    io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        RwLock,
+        Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
 
 use freebind_e2e::{
-    add_addr, bpf_program_ids_at, bpf_programs_attached, ensure_tools, require_root,
-    scenario::{parked_sockets, try_bind, wait_listening, EADDRNOTAVAIL, SETTLE},
-    spawn_in, tcp_request, tool, unique_name, wait_for_log, wait_until, Agent, Cgroup, Daemon,
-    Installation, Link, Netns, Proc,
+    add_addr, bpf_program_ids_at, bpf_programs_attached, del_addr, ensure_bpffs, ensure_tools,
+    require_root,
+    scenario::{
+        parked_sockets, try_bind, wait_listening, wait_parked, EADDRNOTAVAIL, PARKING_V6_PREFIX,
+        SETTLE,
+    },
+    spawn_in, tcp_request, tool, udp_request, unique_name, wait_for_log, wait_until, Agent, Cgroup,
+    Daemon, Installation, Link, Netns, Proc,
 };
 
 const BINDSTORM: &str = env!("CARGO_BIN_EXE_freebind-bindstorm");
@@ -44,6 +48,10 @@ const STORM_ADDRS: [&str; 4] = [
     "2001:db8:1::100",
     "2001:db8:2::5",
 ];
+
+/// Binds of the one-thread storm that claims the parking slots before a baseline: more
+/// than the storm has cases, so every case runs.
+const WARM_UP: u64 = 64;
 
 /// Whether the long variants run (`FREEBIND_LONG=1`).
 fn long() -> bool {
@@ -67,28 +75,101 @@ fn flaps() -> usize {
     }
 }
 
+fn storm_argv(threads: usize, binds: u64) -> Vec<String> {
+    let mut argv = vec![BINDSTORM.to_owned(), threads.to_string(), binds.to_string()];
+    argv.extend(STORM_ADDRS.map(str::to_owned));
+    argv
+}
+
+/// The storm's line of figures in `output`; panics with the output when there is none.
+fn figures_of(output: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.starts_with("binds="))
+        .unwrap_or_else(|| panic!("no figures from the storm: {output}"))
+        .to_owned()
+}
+
+/// The value of `key=` in a line of figures.
+fn figure(figures: &str, key: &str) -> u64 {
+    figures
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {figures:?}"))
+}
+
 /// Runs the bind storm in `cgroup` inside `ns` to completion; returns its figures line.
 /// Panics with its output unless every bind got its right outcome.
 fn storm(ns: &Netns, cgroup: &Cgroup, threads: usize, binds: u64) -> String {
-    let (t, b) = (threads.to_string(), binds.to_string());
-    let mut argv = vec![BINDSTORM, &t, &b];
-    argv.extend(STORM_ADDRS);
+    let argv = storm_argv(threads, binds);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = freebind_e2e::run_in_timeout(ns, Some(cgroup), &argv, Duration::from_secs(600));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "the bind storm had wrong outcomes: {}",
         freebind_e2e::show_output(&out)
     );
-    text.lines()
-        .find(|l| l.starts_with("binds="))
-        .unwrap_or_else(|| panic!("no figures from the storm: {text}"))
-        .to_owned()
+    figures_of(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Entries in the pinned map at `path`, by bpftool's dump (hash maps and SOCKHASH can be
-/// walked key by key).
-fn entries(path: &Path) -> usize {
+/// A bind storm that binds until told to finish, so it is surely running whatever the
+/// test does meanwhile (`freebind-bindstorm --until-signal`).
+struct Storm {
+    proc: Proc,
+}
+
+impl Storm {
+    /// Starts it in `cgroup` inside `ns` and waits until its threads are binding; its
+    /// outcomes are judged against freebind's until [`Storm::judge`] says otherwise.
+    fn start(ns: &Netns, cgroup: &Cgroup, threads: usize, binds: u64) -> Storm {
+        let mut argv = storm_argv(threads, binds);
+        argv.push("--until-signal".into());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let proc = spawn_in(ns, Some(cgroup), &argv);
+        wait_for_log(&proc, "started", SETTLE);
+        Storm { proc }
+    }
+
+    fn running(&self) -> bool {
+        self.proc.try_wait().is_none()
+    }
+
+    /// From now on judges nothing (`libc::SIGUSR1`) or the kernel's own answers with no
+    /// freebind (`libc::SIGUSR2`); returns once every bind begun before is over.
+    fn judge(&self, signal: libc::c_int) {
+        let ack = if signal == libc::SIGUSR1 {
+            "judging: none"
+        } else {
+            "judging: kernel"
+        };
+        self.proc.signal(signal);
+        wait_for_log(&self.proc, ack, SETTLE);
+    }
+
+    /// Lets every thread run its number of binds more and end; returns its figures and how
+    /// many binds it had made before. Panics with its output unless every judged bind got
+    /// its right outcome.
+    fn finish(self) -> (String, u64) {
+        self.proc.signal(libc::SIGINT);
+        let status = self
+            .proc
+            .wait_timeout(Duration::from_secs(600))
+            .expect("the storm ends");
+        let log = self.proc.log();
+        assert!(status.success(), "the bind storm had wrong outcomes: {log}");
+        let before = log
+            .lines()
+            .find_map(|l| l.strip_prefix("finishing: after "))
+            .and_then(|l| l.strip_suffix(" binds")?.parse().ok())
+            .unwrap_or_else(|| panic!("the storm did not say when it finished: {log}"));
+        (figures_of(&log), before)
+    }
+}
+
+/// The elements of the pinned map at `path`, by bpftool's dump (hash maps and SOCKHASH can
+/// be walked key by key).
+fn entries(path: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(tool("bpftool"))
         .args(["-j", "map", "dump", "pinned"])
         .arg(path)
@@ -99,12 +180,53 @@ fn entries(path: &Path) -> usize {
         "bpftool map dump {}: {out:?}",
         path.display()
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array().map_or(0, Vec::len)
+    match serde_json::from_slice(&out.stdout) {
+        Ok(serde_json::Value::Array(items)) => items,
+        _ => panic!(
+            "bpftool map dump {}: not a JSON array: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    }
+}
+
+/// Every namespace's `STEER_SOCKS`.
+fn steering_maps(inst: &Installation) -> Vec<(String, PathBuf)> {
+    fs::read_dir(inst.pin_dir().join("netns"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = format!("STEER_SOCKS of net:[{}]", e.file_name().to_string_lossy());
+            (name, e.path().join("STEER_SOCKS"))
+        })
+        .collect()
+}
+
+/// Steered sockets in every namespace's steering map now: (TCP, UDP), by the protocol
+/// byte that ends each key (`SteerKey`: address, port, family, protocol).
+fn steered_now(inst: &Installation) -> (usize, usize) {
+    let mut by_protocol = (0, 0);
+    for (_, map) in steering_maps(inst) {
+        for e in entries(&map) {
+            let protocol = e["key"]
+                .as_array()
+                .and_then(|k| k.last())
+                .and_then(|b| b.as_str())
+                .and_then(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).ok());
+            match protocol.map(i32::from) {
+                Some(libc::IPPROTO_TCP) => by_protocol.0 += 1,
+                Some(libc::IPPROTO_UDP) => by_protocol.1 += 1,
+                _ => panic!("a steering key with no protocol: {e}"),
+            }
+        }
+    }
+    by_protocol
 }
 
 /// The entry counts of every shared hash map and every namespace's SOCKHASH, and the
-/// kernel's count of TCP and UDP sockets in use in `ns` (`/proc/net/sockstat`).
+/// kernel's count of TCP and UDP sockets in use in `ns` (`/proc/net/sockstat` and
+/// `sockstat6`). "inuse" counts hashed sockets only: every bound UDP socket, but only the
+/// listening (or connected) TCP ones, hence the storm's listening cases.
 ///
 /// SOCK_STATE, the socket-local storage, cannot be walked (`get_next_key` is not
 /// supported on sk_storage maps): its entries live inside their sockets and the kernel
@@ -120,22 +242,20 @@ fn counts(inst: &Installation, ns: &Netns) -> Vec<(String, usize)> {
         "STEER_MAPS",
     ]
     .iter()
-    .map(|m| (m.to_string(), entries(&maps.join(m))))
+    .map(|m| (m.to_string(), entries(&maps.join(m)).len()))
     .collect();
-    for e in fs::read_dir(inst.pin_dir().join("netns"))
-        .unwrap()
-        .flatten()
-    {
-        let name = format!("STEER_SOCKS of net:[{}]", e.file_name().to_string_lossy());
-        c.push((name, entries(&e.path().join("STEER_SOCKS"))));
+    for (name, map) in steering_maps(inst) {
+        c.push((name, entries(&map).len()));
     }
-    let sockstat = ns.exec(&["cat", "/proc/net/sockstat"]);
-    for line in String::from_utf8_lossy(&sockstat.stdout).lines() {
-        let mut w = line.split_whitespace();
-        if let (Some(proto @ ("TCP:" | "UDP:")), Some("inuse"), Some(n)) =
-            (w.next(), w.next(), w.next())
-        {
-            c.push((format!("{proto} sockets in use"), n.parse().unwrap()));
+    for file in ["/proc/net/sockstat", "/proc/net/sockstat6"] {
+        let sockstat = ns.exec(&["cat", file]);
+        for line in String::from_utf8_lossy(&sockstat.stdout).lines() {
+            let mut w = line.split_whitespace();
+            if let (Some(proto @ ("TCP:" | "UDP:" | "TCP6:" | "UDP6:")), Some("inuse"), Some(n)) =
+                (w.next(), w.next(), w.next())
+            {
+                c.push((format!("{proto} sockets in use"), n.parse().unwrap()));
+            }
         }
     }
     c
@@ -151,6 +271,28 @@ fn daemon_serving(ns: &Netns, cgroup: &Cgroup) -> (Installation, Daemon) {
     (inst, daemon)
 }
 
+/// The echo server of `proto` in `cgroup` inside `ns` on `addr:port`, an address not
+/// there yet, once steer mode has parked its socket.
+fn parked_echo(ns: &Netns, cgroup: &Cgroup, proto: &str, addr: &str, port: u16) -> Proc {
+    let server = spawn_in(
+        ns,
+        Some(cgroup),
+        &[ECHO_SERVER, proto, addr, &port.to_string()],
+    );
+    wait_parked(ns, proto, port, 1, &server);
+    server
+}
+
+/// Sets its flag when dropped, so that threads watching the flag end also when the test
+/// fails halfway: a thread scope waits for its threads before it passes a panic on.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn sixty_four_threads_binding_at_once_each_get_the_right_outcome_and_leave_no_map_entry_behind() {
     if !require_root() {
@@ -162,11 +304,31 @@ fn sixty_four_threads_binding_at_once_each_get_the_right_outcome_and_leave_no_ma
     let (inst, daemon) = daemon_serving(&ns, &cg);
     // One bind of every kind first: parking slots are claimed once per intended address
     // and kept (by design), so the baseline is taken once they exist.
-    storm(&ns, &cg, 1, 9);
+    let warm_up = storm(&ns, &cg, 1, WARM_UP);
+    assert!(figure(&warm_up, "cases") <= WARM_UP, "{warm_up}");
     let before = counts(&inst, &ns);
+    let steered_before = steered_now(&inst);
     let (threads, binds) = storm_size();
-    let figures = storm(&ns, &cg, threads, binds);
-    println!("reliability: bind storm {threads} threads x {binds} binds: {figures}");
+    let load = Storm::start(&ns, &cg, threads, binds);
+    // Its threads keep their latest sockets open a moment: listening and UDP ones of steer
+    // mode enter the steering map meanwhile, so the map's return to its start below counts
+    // entries that were really made and removed.
+    let mut most = steered_before;
+    wait_until(
+        "steered TCP and UDP sockets in the steering map during the storm",
+        SETTLE,
+        || {
+            let now = steered_now(&inst);
+            most = (most.0.max(now.0), most.1.max(now.1));
+            most.0 > steered_before.0 && most.1 > steered_before.1
+        },
+    );
+    let (figures, _) = load.finish();
+    println!(
+        "reliability: bind storm {threads} threads x {binds}+ binds: {figures}; at most \
+         {} TCP and {} UDP sockets seen in the steering map",
+        most.0, most.1
+    );
     let mut after = Vec::new();
     wait_until(
         "every map and socket count back to its start",
@@ -184,12 +346,15 @@ fn sixty_four_threads_binding_at_once_each_get_the_right_outcome_and_leave_no_ma
     );
 }
 
+/// How an exchange with a server failed: the step and the error.
+type ExchangeError = (&'static str, io::Error);
+
 /// Connects to `addr` and exchanges one request with the server (both servers here
 /// answer something non-empty), from the calling thread's namespace.
-fn exchange(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+fn exchange(addr: SocketAddr, timeout: Duration) -> Result<(), ExchangeError> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
     s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ("connect", e))?;
     // Closed with a reset, leaving no TIME_WAIT: tens of thousands of connections from one
     // client address to two servers would otherwise use up its ephemeral ports
     // (EADDRNOTAVAIL on connect), a limit of the test's client, not of what it tests.
@@ -210,15 +375,18 @@ fn exchange(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     // The tokio server answers without reading (unread data would make its close a
     // reset); the echo server answers what it reads.
     if addr.port() != TOKIO_PORT {
-        s.write_all(b"ping\n").map_err(|e| format!("write: {e}"))?;
+        s.write_all(b"ping\n").map_err(|e| ("write", e))?;
     }
     // The first bytes of the answer are enough; no FIN is sent first, so the close
     // above is a reset and nothing is left in TIME_WAIT.
     let mut reply = [0u8; 64];
     match s.read(&mut reply) {
-        Ok(0) => Err("closed without an answer".into()),
+        Ok(0) => Err((
+            "read",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "closed without an answer"),
+        )),
         Ok(_) => Ok(()),
-        Err(e) => Err(format!("read: {e}")),
+        Err(e) => Err(("read", e)),
     }
 }
 
@@ -231,6 +399,19 @@ fn listener_inode(ns: &Netns, addr_port: &str) -> String {
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("ino:")))
         .unwrap_or_else(|| panic!("no listener on {addr_port}:\n{text}"))
         .to_owned()
+}
+
+/// How long an attempt waits while the address is absent. Short, because the flapper
+/// waits for the attempts of each absent phase; what makes "nothing answered" mean
+/// something is the way the attempt fails (see [`unanswered`]).
+const ABSENT_WAIT: Duration = Duration::from_millis(30);
+
+/// Whether an exchange failed because nothing answered at all: the SYN went unanswered
+/// (no neighbour has the address) or the neighbour lookup failed. A reset (refused) or any
+/// later step means something at the address answered.
+fn unanswered(r: &Result<(), ExchangeError>) -> bool {
+    matches!(r, Err(("connect", e)) if e.kind() == io::ErrorKind::TimedOut
+        || e.raw_os_error() == Some(libc::EHOSTUNREACH))
 }
 
 #[test]
@@ -246,13 +427,9 @@ fn address_flaps_under_continuous_connections_fail_no_connection_while_present_a
     // One server per mode on the flapping address: tokio sets SO_REUSEADDR (native
     // mode), the echo server binds straight away (steer mode: parked).
     let native = spawn_in(&link.server, Some(&cg), &[TOKIO_SERVER, "192.0.2.10:8082"]);
-    let steered = spawn_in(
-        &link.server,
-        Some(&cg),
-        &[ECHO_SERVER, "tcp", "192.0.2.10", "7000"],
-    );
+    let steered = parked_echo(&link.server, &cg, "tcp", "192.0.2.10", 7000);
     wait_listening(&link.server, "tcp", "192.0.2.10:8082", &native);
-    let parked = freebind_e2e::scenario::wait_parked(&link.server, "tcp", 7000, 1, &steered);
+    let parked = parked_sockets(&link.server, "tcp", 7000);
     let inodes = (
         listener_inode(&link.server, "192.0.2.10:8082"),
         listener_inode(&link.server, &parked[0]),
@@ -267,43 +444,45 @@ fn address_flaps_under_continuous_connections_fail_no_connection_while_present_a
     // between attempts.
     let present = RwLock::new(false);
     let stop = AtomicBool::new(false);
-    let (ok, failed, absent_tries, absent_answered) = (
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    );
-    let failures = std::sync::Mutex::new(Vec::<String>::new());
+    let ok = [AtomicU64::new(0), AtomicU64::new(0)];
+    let (failed, absent_tries, absent_answered) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let failures = Mutex::new(Vec::<String>::new());
+    let note = |what: String| {
+        let mut f = failures.lock().unwrap();
+        if f.len() < 10 {
+            f.push(what);
+        }
+    };
     let n = flaps();
     let start = Instant::now();
     std::thread::scope(|s| {
         for c in 0..2 {
             let (present, stop, ok, failed) = (&present, &stop, &ok, &failed);
-            let (absent_tries, absent_answered, failures) =
-                (&absent_tries, &absent_answered, &failures);
+            let (absent_tries, absent_answered, note) = (&absent_tries, &absent_answered, &note);
             let client = &link.client;
             s.spawn(move || {
                 client.run_in_thread(|| {
                     let mut i = c;
                     while !stop.load(Ordering::Relaxed) {
-                        let target = targets[i % 2];
+                        let t = i % 2;
                         i += 1;
-                        let state = present.read().unwrap();
+                        // A flapper that failed holding the lock has set `stop` too.
+                        let state = present.read().unwrap_or_else(|e| e.into_inner());
                         if *state {
-                            match exchange(target, Duration::from_secs(10)) {
-                                Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                                Err(e) => {
-                                    let mut f = failures.lock().unwrap();
-                                    if f.len() < 10 {
-                                        f.push(format!("{target}: {e}"));
-                                    }
+                            match exchange(targets[t], Duration::from_secs(10)) {
+                                Ok(()) => ok[t].fetch_add(1, Ordering::Relaxed),
+                                Err((step, e)) => {
+                                    note(format!("{}: {step}: {e}", targets[t]));
                                     failed.fetch_add(1, Ordering::Relaxed)
                                 }
                             };
                         } else {
                             absent_tries.fetch_add(1, Ordering::Relaxed);
                             // Nothing may answer for an address that is not there.
-                            if exchange(target, Duration::from_millis(30)).is_ok() {
+                            let r = exchange(targets[t], ABSENT_WAIT);
+                            if !unanswered(&r) {
+                                note(format!("{} while absent: {r:?}", targets[t]));
                                 absent_answered.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -311,6 +490,7 @@ fn address_flaps_under_continuous_connections_fail_no_connection_while_present_a
                 })
             });
         }
+        let _stop = StopOnDrop(&stop);
         for _ in 0..n {
             {
                 let mut p = present.write().unwrap();
@@ -318,35 +498,36 @@ fn address_flaps_under_continuous_connections_fail_no_connection_while_present_a
                 *p = true;
             }
             // At least one more exchange with each server while present.
-            let target = ok.load(Ordering::Relaxed) + 2;
+            let want = ok.each_ref().map(|o| o.load(Ordering::Relaxed) + 1);
             wait_until("connections while the address is present", SETTLE, || {
-                ok.load(Ordering::Relaxed) >= target || failed.load(Ordering::Relaxed) > 0
+                ok.iter()
+                    .zip(want)
+                    .all(|(o, w)| o.load(Ordering::Relaxed) >= w)
+                    || failed.load(Ordering::Relaxed) > 0
             });
             let mut p = present.write().unwrap();
-            freebind_e2e::del_addr(&link.server, &link.server_if, "192.0.2.10/24");
+            del_addr(&link.server, &link.server_if, "192.0.2.10/24");
             *p = false;
         }
-        stop.store(true, Ordering::Relaxed);
     });
     let secs = start.elapsed().as_secs_f64();
+    let ok = ok.map(AtomicU64::into_inner);
     println!(
-        "reliability: {n} address flaps in {secs:.1} s: {} connections while present, {} failed; \
-         {} attempts while absent, {} answered",
-        ok.load(Ordering::Relaxed),
+        "reliability: {n} address flaps in {secs:.1} s: {} connections while present \
+         ({} native, {} steered), {} failed; {} attempts while absent, {} answered",
+        ok[0] + ok[1],
+        ok[0],
+        ok[1],
         failed.load(Ordering::Relaxed),
         absent_tries.load(Ordering::Relaxed),
         absent_answered.load(Ordering::Relaxed)
     );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{:?}",
-        failures.lock().unwrap()
-    );
+    let failures = failures.into_inner().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{failures:?}");
     assert_eq!(
         absent_answered.load(Ordering::Relaxed),
         0,
-        "answered with the address absent"
+        "answered with the address absent: {failures:?}"
     );
     // No socket lost: the very same listeners, and both answer once more.
     for p in [&native, &steered] {
@@ -381,10 +562,10 @@ fn keep_connecting(link: &Link, done: &AtomicBool) -> (u64, u64, Vec<String>) {
         while !done.load(Ordering::Relaxed) {
             match exchange(target, Duration::from_secs(10)) {
                 Ok(()) => ok += 1,
-                Err(e) => {
+                Err((step, e)) => {
                     failed += 1;
                     if why.len() < 5 {
-                        why.push(e);
+                        why.push(format!("{step}: {e}"));
                     }
                 }
             }
@@ -402,12 +583,8 @@ fn a_daemon_killed_with_sigkill_mid_storm_loses_no_enforcement_and_its_successor
     let link = Link::new();
     let cg = Cgroup::new("fb-kill");
     let (inst, daemon) = daemon_serving(&link.server, &cg);
+    let steered = parked_echo(&link.server, &cg, "tcp", "192.0.2.10", 7000);
     add_addr(&link.server, &link.server_if, "192.0.2.10/24");
-    let steered = spawn_in(
-        &link.server,
-        Some(&cg),
-        &[ECHO_SERVER, "tcp", "192.0.2.10", "7000"],
-    );
     wait_until("the steered server answers", SETTLE, || {
         tcp_request(&link.client, "192.0.2.10", 7000, b"ping").is_ok()
     });
@@ -416,34 +593,26 @@ fn a_daemon_killed_with_sigkill_mid_storm_loses_no_enforcement_and_its_successor
 
     let (threads, binds) = storm_size();
     let done = AtomicBool::new(false);
-    let (figures, (ok, failed, why)) = std::thread::scope(|s| {
+    let ((figures, before_finish), (ok, failed, why)) = std::thread::scope(|s| {
         let client = s.spawn(|| keep_connecting(&link, &done));
-        let (t, b) = (threads.to_string(), binds.to_string());
-        let mut argv = vec![BINDSTORM, &t, &b];
-        argv.extend(STORM_ADDRS);
-        let storm = spawn_in(&link.server, Some(&cg), &argv);
-        wait_for_log(&storm, "started", SETTLE);
+        let stop = StopOnDrop(&done);
+        let load = Storm::start(&link.server, &cg, threads, binds);
         daemon.kill_9();
-        let status = storm
-            .wait_timeout(Duration::from_secs(600))
-            .expect("the storm ends");
-        done.store(true, Ordering::Relaxed);
         assert!(
-            status.success(),
-            "wrong outcomes without the daemon: {}",
-            storm.log()
+            daemon.proc().try_wait().is_some(),
+            "the daemon outlived SIGKILL"
         );
-        let figures = storm
-            .log()
-            .lines()
-            .find(|l| l.starts_with("binds="))
-            .unwrap()
-            .to_owned();
+        assert!(load.running(), "the storm ended: {}", load.proc.log());
+        // Every thread's last binds all come after the kill.
+        let figures = load.finish();
+        drop(stop);
         (figures, client.join().unwrap())
     });
     println!(
-        "reliability: daemon SIGKILLed mid-storm ({threads}x{binds}): {figures}; steered \
-         connections meanwhile {ok} answered, {failed} failed"
+        "reliability: daemon SIGKILLed mid-storm ({threads} threads, {} binds, {before_finish} \
+         before the last {threads}x{binds}, all judged): {figures}; steered connections \
+         meanwhile {ok} answered, {failed} failed",
+        figure(&figures, "binds")
     );
     assert_eq!(failed, 0, "{why:?}");
     assert_eq!(
@@ -452,6 +621,9 @@ fn a_daemon_killed_with_sigkill_mid_storm_loses_no_enforcement_and_its_successor
         "the attachment outlived its daemon"
     );
 
+    // While no daemon runs, the network changes: 192.0.2.10 goes, 192.0.2.12 comes.
+    del_addr(&link.server, &link.server_if, "192.0.2.10/24");
+    add_addr(&link.server, &link.server_if, "192.0.2.12/24");
     let successor = Daemon::start(&inst, &link.server, &[]);
     assert!(
         successor.log().contains("adopted pinned attachment"),
@@ -463,10 +635,51 @@ fn a_daemon_killed_with_sigkill_mid_storm_loses_no_enforcement_and_its_successor
         programs,
         "adopted, nothing attached twice"
     );
+    // The successor judges binds by the network as it is now: the address that went is
+    // parked (steered), the one that came is bound where it is (the kernel's own bind).
+    let udp = parked_echo(&link.server, &cg, "udp", "192.0.2.10", 7003);
+    let tcp = spawn_in(
+        &link.server,
+        Some(&cg),
+        &[ECHO_SERVER, "tcp", "192.0.2.12", "7004"],
+    );
+    wait_listening(&link.server, "tcp", "192.0.2.12:7004", &tcp);
+    assert_eq!(
+        tcp_request(&link.client, "192.0.2.12", 7004, b"ping"),
+        Ok(b"ping".to_vec())
+    );
+    // The address that went comes back: the socket steered since before the kill and the
+    // one parked under the successor both answer there.
+    add_addr(&link.server, &link.server_if, "192.0.2.10/24");
+    wait_until(
+        "the new steered UDP server answers from 192.0.2.10",
+        SETTLE,
+        || {
+            udp_request(&link.client, "192.0.2.10", 7003, b"ping")
+                == Ok((b"ping".to_vec(), "192.0.2.10".to_owned()))
+        },
+    );
+    wait_until("the steered TCP server answers again", SETTLE, || {
+        tcp_request(&link.client, "192.0.2.10", 7000, b"ping") == Ok(b"ping".to_vec())
+    });
     let figures = storm(&link.server, &cg, threads, binds);
     println!("reliability: storm under the successor: {figures}");
-    assert!(tcp_request(&link.client, "192.0.2.10", 7000, b"ping").is_ok());
-    drop(steered);
+    assert!(successor.proc().try_wait().is_none(), "{}", successor.log());
+    for p in [&steered, &udp, &tcp] {
+        assert!(p.try_wait().is_none(), "{} died: {}", p.name(), p.log());
+    }
+}
+
+/// The IPv6 parking addresses on `lo` in `ns`.
+fn parking_v6(ns: &Netns) -> Vec<String> {
+    ns.ip(&["-6", "-o", "addr", "show", "dev", "lo"])
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().skip_while(|w| *w != "inet6");
+            w.nth(1).map(str::to_owned)
+        })
+        .filter(|a| a.starts_with(PARKING_V6_PREFIX))
+        .collect()
 }
 
 #[test]
@@ -477,44 +690,70 @@ fn a_foreground_agent_killed_with_sigkill_leaves_nothing_attached_and_nothing_st
     ensure_tools();
     let ns = Netns::new("fb-fgkill");
     let cg = Cgroup::new("fb-fgkill");
-    let agent = Agent::run(&ns, &cg, &ALLOW);
+    // State directories of its own, where the agents record themselves.
+    let inst = Installation::new("fb-rel");
+    let (pin, run) = (
+        inst.pin_dir().to_str().unwrap(),
+        inst.run_dir().to_str().unwrap(),
+    );
+    let mut args = vec!["--pin-dir", pin, "--run-dir", run];
+    args.extend(ALLOW);
+    let agent = Agent::run(&ns, &cg, &args);
     assert_eq!(bpf_programs_attached(&cg).len(), PROGRAMS);
-    let record = Path::new("/run/freebind/foreground").join(agent.pid().to_string());
+    let records = inst.run_dir().join("foreground");
+    let record = records.join(agent.pid().to_string());
+    assert!(record.is_file(), "the agent's record {}", record.display());
     let (threads, binds) = storm_size();
-    let (t, b) = (threads.to_string(), binds.to_string());
-    let mut argv = vec![BINDSTORM, &t, &b];
-    argv.extend(STORM_ADDRS);
-    let storm_proc = spawn_in(&ns, Some(&cg), &argv);
-    wait_for_log(&storm_proc, "started", SETTLE);
+    let load = Storm::start(&ns, &cg, threads, binds);
+    // On the way out the kernel closes the killed agent's links one by one: a bind then
+    // meets some of its programs and not others, an outcome that is no state to judge.
+    load.judge(libc::SIGUSR1);
     agent.proc().signal(libc::SIGKILL);
     agent.proc().wait_timeout(SETTLE).expect("the agent dies");
+    assert!(load.running(), "the storm ended: {}", load.proc.log());
     // Its links were its descriptors: the kernel detaches them as the process goes.
     wait_until(
         "the kernel detaches the killed agent's programs",
         SETTLE,
         || bpf_programs_attached(&cg).is_empty(),
     );
-    // The binds after the kill get the kernel's own answers, so some "wrong" outcomes are
-    // expected; the storm only has to end.
-    storm_proc
-        .wait_timeout(Duration::from_secs(600))
-        .expect("the storm ends");
+    // From here every bind gets the kernel's own answer, as if freebind had never been.
+    load.judge(libc::SIGUSR2);
+    let (figures, _) = load.finish();
+    println!(
+        "reliability: foreground agent SIGKILLed mid-storm ({threads} threads; judged by \
+         freebind before the kill, by the kernel alone from the detach on): {figures}"
+    );
     assert_eq!(
         try_bind(&ns, Some(&cg), "tcp", "192.0.2.100", 9000, true),
         Err(EADDRNOTAVAIL),
         "no freebind left in the cgroup"
     );
+    // What the agent put in the namespace stays, with nobody left to take it away.
+    let pool = parking_v6(&ns);
+    assert!(
+        !pool.is_empty(),
+        "the killed agent's IPv6 parking addresses"
+    );
 
-    let next = Agent::run(&ns, &cg, &ALLOW);
+    let next = Agent::run(&ns, &cg, &args);
     assert_eq!(bpf_programs_attached(&cg).len(), PROGRAMS, "attached once");
     assert!(
         !record.exists(),
         "the killed agent's record {} is stale",
         record.display()
     );
+    assert!(records.join(next.pid().to_string()).is_file());
     let figures = storm(&ns, &cg, threads, binds);
-    println!("reliability: foreground agent SIGKILLed mid-storm; the next one's storm: {figures}");
-    drop(next);
+    println!("reliability: the next agent's storm: {figures}");
+    assert!(next.stop().success(), "{}", next.log());
+    assert_eq!(
+        parking_v6(&ns),
+        Vec::<String>::new(),
+        "IPv6 parking addresses left on lo after the next agent stopped (the killed one \
+         left {pool:?})"
+    );
+    assert!(bpf_programs_attached(&cg).is_empty());
 }
 
 /// Waits until `proc` has logged `needle` at least `n` times.
@@ -542,21 +781,21 @@ fn a_removed_cgroup_and_a_deleted_namespace_are_noticed_and_reported_while_the_r
         args.extend(ALLOW);
         inst.run_ok(&args);
     }
-    // b serves a steered socket in a namespace of its own, reached from inside it.
+    // b serves a steered socket in a namespace of its own, reached from inside it. Its
+    // first process there, a tokio server on loopback, makes the daemon serve that
+    // namespace; binds there are the kernel's alone until then.
     let other = Netns::new("fb-gone");
-    add_addr(&other, "lo", "192.0.2.30/32");
-    let remote = spawn_in(
-        &other,
-        Some(&b),
-        &[ECHO_SERVER, "tcp", "192.0.2.30", "7000"],
-    );
-    let ino = fs::metadata(format!("/proc/{}/ns/net", remote.pid()))
+    let first = spawn_in(&other, Some(&b), &[TOKIO_SERVER, "127.0.0.1:8082"]);
+    wait_listening(&other, "tcp", "127.0.0.1:8082", &first);
+    let ino = fs::metadata(format!("/proc/{}/ns/net", first.pid()))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .unwrap();
     let netns_pin = inst.pin_dir().join("netns").join(ino.to_string());
     wait_until("the daemon serves the other namespace", SETTLE, || {
         netns_pin.exists()
     });
+    let remote = parked_echo(&other, &b, "tcp", "192.0.2.30", 7000);
+    add_addr(&other, "lo", "192.0.2.30/32");
     wait_until("the steered socket there answers", SETTLE, || {
         tcp_request(&other, "192.0.2.30", 7000, b"ping").is_ok()
     });
@@ -564,19 +803,35 @@ fn a_removed_cgroup_and_a_deleted_namespace_are_noticed_and_reported_while_the_r
     let in_a = spawn_in(&link.server, Some(&a), &[TOKIO_SERVER, "192.0.2.10:8082"]);
     wait_listening(&link.server, "tcp", "192.0.2.10:8082", &in_a);
 
-    // The namespace's name goes; the namespace lives on with its process, still served.
+    // The namespace's name goes; the namespace lives on with its processes, still served.
     let name = other.name().to_owned();
     drop(other);
     assert!(!Path::new("/run/netns").join(&name).exists());
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(netns_pin.exists(), "served while its process lives");
-    // Its last process goes: the namespace is destroyed, and the daemon lets it go.
-    drop(remote);
-    wait_for_log(
-        daemon.proc(),
-        &format!("no longer serving network namespace net:[{ino}]"),
-        SETTLE,
+    let nameless = Netns::of_process(remote.pid());
+    assert_eq!(
+        tcp_request(&nameless, "192.0.2.30", 7000, b"ping"),
+        Ok(b"ping".to_vec()),
+        "the steered socket answers in the namespace with no name"
     );
+    // The daemon's work there goes on: a bind made now is parked, and its socket is
+    // steered once its address appears.
+    let late = parked_echo(&nameless, &b, "udp", "192.0.2.31", 7002);
+    add_addr(&nameless, "lo", "192.0.2.31/32");
+    wait_until(
+        "a socket steered after the name went answers",
+        SETTLE,
+        || {
+            udp_request(&nameless, "192.0.2.31", 7002, b"ping")
+                == Ok((b"ping".to_vec(), "192.0.2.31".to_owned()))
+        },
+    );
+    drop(nameless);
+    let gone = format!("no longer serving network namespace net:[{ino}]");
+    assert!(!daemon.log().contains(&gone), "{}", daemon.log());
+    assert!(netns_pin.exists(), "served while its processes live");
+    // Its last processes go: the namespace is destroyed, and the daemon lets it go.
+    drop((late, remote, first));
+    wait_for_log(daemon.proc(), &gone, SETTLE);
     wait_until("its steering pins removed", SETTLE, || !netns_pin.exists());
 
     // The cgroup a goes while attached.
@@ -603,12 +858,7 @@ fn a_removed_cgroup_and_a_deleted_namespace_are_noticed_and_reported_while_the_r
     assert_eq!(row(b.relative())[2], b.path().to_string_lossy(), "{status}");
 
     // The rest is served as before: b, in the daemon's namespace, steered and native.
-    let steered = spawn_in(
-        &link.server,
-        Some(&b),
-        &[ECHO_SERVER, "tcp", "192.0.2.11", "7001"],
-    );
-    freebind_e2e::scenario::wait_parked(&link.server, "tcp", 7001, 1, &steered);
+    let _steered = parked_echo(&link.server, &b, "tcp", "192.0.2.11", 7001);
     add_addr(&link.server, &link.server_if, "192.0.2.11/24");
     wait_until("b's steered server answers", SETTLE, || {
         tcp_request(&link.client, "192.0.2.11", 7001, b"ping").is_ok()
@@ -631,7 +881,7 @@ struct PrivateBpffs {
 
 impl PrivateBpffs {
     fn new() -> PrivateBpffs {
-        let mount = Path::new("/sys/fs/bpf").join(unique_name("fb-rel-mnt"));
+        let mount = ensure_bpffs().join(unique_name("fb-rel-mnt"));
         fs::create_dir(&mount).unwrap();
         let me = PrivateBpffs {
             inst: Installation::below(&mount, "fb-rel"),
@@ -702,19 +952,20 @@ fn bpffs_unmounted_under_the_daemon_is_noticed_reported_and_every_attachment_res
         let out = fs_.command(&args).output().unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    assert_eq!(bpf_programs_attached(&a).len(), PROGRAMS);
+    let before = [&a, &b].map(|cg| bpf_program_ids_at(cg.path()));
+    assert!(before.iter().all(|ids| ids.len() == PROGRAMS), "{before:?}");
 
     let out = Command::new("umount").arg(&fs_.mount).output().unwrap();
     assert!(out.status.success(), "umount: {out:?}");
-    // The kernel drops what only the pins held.
-    wait_until("the attachments went with their pins", SETTLE, || {
-        bpf_programs_attached(&a).is_empty()
-    });
     wait_log_count(&daemon, "is gone (bpffs unmounted, or the pins removed)", 1);
     wait_log_count(&daemon, "ready:", 2);
-    for cg in [&a, &b] {
-        wait_until("attached again", SETTLE, || {
-            bpf_programs_attached(cg).len() == PROGRAMS
+    // The kernel dropped what only the pins held; what is attached now is the restarted
+    // daemon's own: as many programs, none of the old ones.
+    for (cg, old) in [&a, &b].into_iter().zip(&before) {
+        let mut now = Vec::new();
+        wait_until("attached again, with new programs", SETTLE, || {
+            now = bpf_program_ids_at(cg.path());
+            now.len() == PROGRAMS && now.iter().all(|id| !old.contains(id))
         });
         assert_eq!(
             try_bind(&ns, Some(cg), "tcp", "192.0.2.20", 9000, true),
