@@ -303,8 +303,7 @@ pub fn create_trusted_dir(dir: &Path) -> Result<()> {
         // The umask may have taken more than group and other write.
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
     }
-    let meta =
-        fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     // SAFETY: geteuid cannot fail and touches no memory.
     let euid = unsafe { libc::geteuid() };
     if meta.file_type().is_symlink() {

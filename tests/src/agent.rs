@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::cgroup::Cgroup;
 use crate::netns::Netns;
 use crate::process::Proc;
+use crate::util::unique_name;
 
 /// Environment variable naming the agent binary; `cargo xtask test` sets it.
 pub const AGENT_ENV: &str = "FREEBIND_AGENT";
@@ -77,6 +78,9 @@ fn says_ready(log: &str) -> bool {
 #[derive(Debug)]
 pub struct Agent {
     proc: Proc,
+    /// The run directory made for it (its foreground record goes there, not into the
+    /// host's /run/freebind), when the caller named none.
+    run_dir: Option<PathBuf>,
 }
 
 impl Agent {
@@ -95,8 +99,14 @@ impl Agent {
             .arg(binary)
             .args(["run", "--cgroup", cgroup.relative()])
             .args(extra_args);
+        let run_dir = (!extra_args.contains(&"--run-dir"))
+            .then(|| Path::new("/run").join(unique_name("fb-agent-run")));
+        if let Some(dir) = &run_dir {
+            cmd.arg("--run-dir").arg(dir);
+        }
         default_log_level(&mut cmd);
         let agent = Agent {
+            run_dir,
             proc: Proc::spawn(cmd, "freebind-agent"),
         };
         agent.wait_ready(READY_TIMEOUT);
@@ -154,6 +164,13 @@ impl Drop for Agent {
         // Stop it first so the log printed by Proc's Drop (when panicking) includes the
         // agent's shutdown lines.
         self.proc.terminate_quiet(STOP_GRACE);
+        if let Some(dir) = &self.run_dir {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("freebind-e2e: cannot remove {}: {e}", dir.display());
+                }
+            }
+        }
     }
 }
 
