@@ -503,6 +503,24 @@ fn summary(sections: &[Section], unprivileged_bpf: Option<u32>) -> String {
     if limited > 0 {
         parts.push(format!("{limited} ! limited"));
     }
+    // Only steering pieces missing: the agent starts, with what "Modes" says is left.
+    let runs_with_less = unknown == 0
+        && sections.iter().any(|s| {
+            s.rows
+                .iter()
+                .any(|r| r.name == "native mode" && r.mark == Mark::Present)
+        })
+        && sections
+            .iter()
+            .filter(|s| matches!(s.title, "System" | "Privileges"))
+            .all(|s| s.rows.iter().all(|r| r.mark != Mark::Missing));
+    if runs_with_less {
+        out.push_str(&format!(
+            "Runs with less: {} (see Modes for what is left).\n",
+            parts.join(", ")
+        ));
+        return out;
+    }
     out.push_str(&format!("Not ready: {}.\n", parts.join(", ")));
     if unknown > 0 {
         out.push_str("Run `freebind-agent check` as root to probe the rows marked –");

@@ -355,6 +355,11 @@ fn without_the_kernels_btf_the_agent_keeps_native_mode_and_tcp_steering_and_leav
         "check passes without BTF:\n{}",
         show_output(&out)
     );
+    assert!(
+        stdout.contains("Runs with less: 5 ✘ missing (see Modes for what is left)."),
+        "{}",
+        show_output(&out)
+    );
 
     let link = Link::new();
     let cgroup = Cgroup::new("fb-compat-nobtf");
