@@ -291,10 +291,11 @@ fn ensure_host_packages() -> Result<()> {
             missing.join(", ")
         ))?;
     }
+    // --no-remove: apt aborts rather than remove a package of the host's to make room.
     step(
         &format!("installing {} for the test guest", missing.join(", ")),
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
+            .args(["install", "-y", "--no-install-recommends", "--no-remove"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
