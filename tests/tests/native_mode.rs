@@ -27,6 +27,13 @@ fn managed(extra_args: &[&str]) -> (Link, Cgroup, Agent) {
     (link, cgroup, agent)
 }
 
+/// DAD probes one second apart: the address stays tentative long enough for a python
+/// server to start and bind during it, also under an emulated CPU on a busy host (five
+/// were too few there).
+const DAD_PROBES: u32 = 12;
+/// How long DAD may take to end after those probes.
+const DAD_DONE: std::time::Duration = std::time::Duration::from_secs(DAD_PROBES as u64 + 30);
+
 #[test]
 fn python_http_server_bound_before_its_ipv4_address_exists_serves_across_remove_and_readd() {
     if !require_root() {
@@ -257,8 +264,10 @@ fn an_ipv6_address_still_in_dad_binds_under_the_agent_and_serves_once_dad_comple
         return;
     }
     let (link, cgroup, agent) = managed(&[]);
-    // Five probes one second apart: the address stays tentative long enough to test.
-    let sysctl = format!("net.ipv6.conf.{}.dad_transmits=5", link.server_if);
+    let sysctl = format!(
+        "net.ipv6.conf.{}.dad_transmits={DAD_PROBES}",
+        link.server_if
+    );
     link.server.exec(&["sysctl", "-qw", &sysctl]);
     add_addr6(&link.server, &link.server_if, "2001:db8::20/64", false);
     assert!(addr6_tentative(
@@ -277,7 +286,7 @@ fn an_ipv6_address_still_in_dad_binds_under_the_agent_and_serves_once_dad_comple
         "DAD ended before the test could bind during it"
     );
     assert!(agent.log().contains("tentative"), "{}", agent.log());
-    wait_until("DAD completes", SETTLE, || {
+    wait_until("DAD completes", DAD_DONE, || {
         !addr6_tentative(&link.server, &link.server_if, "2001:db8::20")
     });
     wait_until(
@@ -385,7 +394,10 @@ fn under_a_policy_the_servers_own_address_binds_exactly_while_it_is_local() {
         || bind("192.0.2.10") == Err(EADDRNOTAVAIL),
     );
 
-    let sysctl = format!("net.ipv6.conf.{}.dad_transmits=5", link.server_if);
+    let sysctl = format!(
+        "net.ipv6.conf.{}.dad_transmits={DAD_PROBES}",
+        link.server_if
+    );
     link.server.exec(&["sysctl", "-qw", &sysctl]);
     add_addr6(&link.server, &link.server_if, "2001:db8::30/64", false);
     assert!(addr6_tentative(
@@ -398,7 +410,7 @@ fn under_a_policy_the_servers_own_address_binds_exactly_while_it_is_local() {
         Err(EADDRNOTAVAIL),
         "tentative is not local"
     );
-    wait_until("DAD completes", SETTLE, || {
+    wait_until("DAD completes", DAD_DONE, || {
         !addr6_tentative(&link.server, &link.server_if, "2001:db8::30")
     });
     wait_until("2001:db8::30 binds once DAD is done", SETTLE, || {
