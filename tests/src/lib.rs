@@ -41,4 +41,4 @@ pub use tools::{
     bpf_program_ids_at, bpf_programs_attached, bpf_programs_attached_at, ensure_doc_tools,
     ensure_metrics_tools, ensure_tools, require_root, tool,
 };
-pub use util::{show_output, sockaddr, unique_name, wait_until, TempDir};
+pub use util::{poll_until, show_output, sockaddr, unique_name, wait_until, TempDir};

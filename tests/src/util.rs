@@ -90,14 +90,22 @@ impl Drop for TempDir {
 ///
 /// The timeout is a generous bound for something that must happen, not a timed
 /// assertion: pick it so a loaded CI machine never hits it.
-pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    if !poll_until(timeout, f) {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` has passed; returns whether it
+/// did, for callers whose failure message needs what `f` saw last.
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         if f() {
-            return;
+            return true;
         }
         if start.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
         thread::sleep(POLL);
     }

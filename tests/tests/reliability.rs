@@ -21,7 +21,7 @@ use std::{
 
 use freebind_e2e::{
     add_addr, bpf_program_ids_at, bpf_programs_attached, del_addr, ensure_bpffs, ensure_tools,
-    require_root,
+    poll_until, require_root,
     scenario::{
         parked_sockets, try_bind, wait_listening, wait_parked, EADDRNOTAVAIL, PARKING_V6_PREFIX,
         SETTLE,
@@ -145,6 +145,13 @@ impl Storm {
         };
         self.proc.signal(signal);
         wait_for_log(&self.proc, ack, SETTLE);
+    }
+
+    /// Pauses every thread after its bind in progress, with the sockets it holds open
+    /// (`libc::SIGHUP`); returns once all are paused. The next call lets them go on.
+    fn hold(&self, on: bool) {
+        self.proc.signal(libc::SIGHUP);
+        wait_for_log(&self.proc, if on { "holding:" } else { "going on" }, SETTLE);
     }
 
     /// Lets every thread run its number of binds more and end; returns its figures and how
@@ -294,8 +301,8 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// How long the storm test waits for what the storm makes to show up in the maps and to
-/// go again: a bound for failing, not a speed check. 64 threads and a dump of every map
-/// per look take long under an emulated CPU with one host thread (the guest runs).
+/// go again: a bound for failing, not a speed check. A dump of every map per look takes
+/// long under an emulated CPU with one host thread (the guests run so).
 const STORM_BOUND: Duration = Duration::from_secs(120);
 
 #[test]
@@ -315,33 +322,38 @@ fn sixty_four_threads_binding_at_once_each_get_the_right_outcome_and_leave_no_ma
     let steered_before = steered_now(&inst);
     let (threads, binds) = storm_size();
     let load = Storm::start(&ns, &cg, threads, binds);
-    // Its threads keep their latest sockets open a moment: listening and UDP ones of steer
-    // mode enter the steering map meanwhile, so the map's return to its start below counts
-    // entries that were really made and removed.
-    let mut most = steered_before;
-    wait_until(
-        "steered TCP and UDP sockets in the steering map during the storm",
-        STORM_BOUND,
-        || {
-            let now = steered_now(&inst);
-            most = (most.0.max(now.0), most.1.max(now.1));
-            most.0 > steered_before.0 && most.1 > steered_before.1
-        },
+    // Its threads keep their latest sockets open: paused with them, the listening and UDP
+    // ones of steer mode must be in the steering map, so the map's return to its start
+    // below counts entries that were really made and removed. Paused, because UDP ones
+    // enter it through the agent, which 64 binding threads starve of CPU on a slow machine
+    // (an emulated guest): the entries would come and go between two looks.
+    load.hold(true);
+    let mut now = steered_before;
+    let seen = poll_until(STORM_BOUND, || {
+        now = steered_now(&inst);
+        now.0 > steered_before.0 && now.1 > steered_before.1
+    });
+    assert!(
+        seen,
+        "steered TCP and UDP sockets held open by the paused storm not all in the steering \
+         map within {STORM_BOUND:?}: (TCP, UDP) before {steered_before:?}, now {now:?}"
     );
+    load.hold(false);
     let (figures, _) = load.finish();
     println!(
-        "reliability: bind storm {threads} threads x {binds}+ binds: {figures}; at most \
-         {} TCP and {} UDP sockets seen in the steering map",
-        most.0, most.1
+        "reliability: bind storm {threads} threads x {binds}+ binds: {figures}; \
+         {} TCP and {} UDP sockets in the steering map while paused",
+        now.0, now.1
     );
     let mut after = Vec::new();
-    wait_until(
-        "every map and socket count back to its start",
-        STORM_BOUND,
-        || {
-            after = counts(&inst, &ns);
-            after == before
-        },
+    let back = poll_until(STORM_BOUND, || {
+        after = counts(&inst, &ns);
+        after == before
+    });
+    assert!(
+        back,
+        "map and socket counts not back to their start within {STORM_BOUND:?} of the \
+         storm's end: before {before:?}, after {after:?}"
     );
     println!("reliability: bind storm entries before {before:?}, after {after:?}");
     assert!(

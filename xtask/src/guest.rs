@@ -9,6 +9,7 @@
 //! final status, are also written to the writable target share, which the host reads
 //! first once qemu has exited (the console can interleave kernel messages mid-line).
 
+mod host_tools;
 mod packages;
 mod results;
 
@@ -33,10 +34,7 @@ use crate::{
     cmd::{display, output, step},
     paths::Paths,
 };
-use packages::{
-    apt_candidates, apt_newest, apt_update, cached_debs, newest_deb, prepare_cache,
-    unpack_or_refetch,
-};
+use packages::{apt_newest, cached_debs, newest_deb, prepare_cache, unpack_or_refetch};
 use results::{after_marker, judge, kernel_trouble, leading_number, outcome, Summary, Verdict};
 
 /// Downloaded packages (kernels, busybox-static) and their unpacked trees. Kept across
@@ -96,16 +94,6 @@ const MODULES: &[&str] = &[
     "udp_diag",
 ];
 
-/// Debian packages the guest needs on the host, with a file each provides. None of them
-/// conflicts with anything a Debian host has. The static busybox the initramfs needs is
-/// not installed (busybox-static conflicts with, and would remove, `busybox`): it is
-/// taken from its package in [`KERNEL_CACHE`] (see [`static_busybox`]).
-const HOST_PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
-    ("kmod", "/sbin/depmod"),
-    ("xz-utils", "/usr/bin/xz"),
-];
-
 pub struct Options<'a> {
     pub kernel: &'a str,
     /// Test files to run (empty: every file but [`HOST_ONLY`]).
@@ -123,9 +111,9 @@ pub struct Options<'a> {
 /// Builds the guest and runs the tests in it; fails when a test fails, a binary runs no
 /// test, or the guest does not say how they ended.
 pub fn run(paths: &Paths, options: &Options<'_>) -> Result<()> {
-    ensure_host_packages()?;
     let cache = Path::new(KERNEL_CACHE);
     prepare_cache(cache)?;
+    host_tools::ensure(cache)?;
     let kernel = kernel_tree(cache, options.kernel)?;
     let busybox = static_busybox(cache)?;
     let binaries = test_binaries(paths)?;
@@ -269,37 +257,6 @@ fn test_files(root: &Path) -> Result<Vec<String>> {
     }
     files.sort();
     Ok(files)
-}
-
-/// Installs what the guest needs, saying so; checks only (no apt) when all is there.
-fn ensure_host_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(package, _)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let candidates = apt_candidates(&missing).unwrap_or_default();
-    if missing
-        .iter()
-        .any(|m| !candidates.iter().any(|c| c.name == *m))
-    {
-        apt_update(&format!(
-            "apt has no candidate for some of {}",
-            missing.join(", ")
-        ))?;
-    }
-    // --no-remove: apt aborts rather than remove a package of the host's to make room.
-    step(
-        &format!("installing {} for the test guest", missing.join(", ")),
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "--no-remove"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("installing the guest's tools")
 }
 
 /// An unpacked kernel package: `boot/vmlinuz-<release>` and `lib/modules/<release>`.

@@ -20,8 +20,12 @@
 //! is surely running whenever the caller acts on something meanwhile. Until then, SIGUSR1
 //! stops judging the outcomes (they are counted as unjudged) and SIGUSR2 judges them
 //! against the kernel's own answers with no freebind attached: only the local bind
-//! succeeds, nothing is freebind. Each signal is acknowledged once every bind begun before
-//! it has ended: `judging: none`, `judging: kernel`, `finishing: after N binds`.
+//! succeeds, nothing is freebind. SIGHUP pauses every thread after its bind in progress,
+//! with the sockets it holds still open, so that whatever enters them in the maps (the
+//! agent's part, which a starved agent does late) can be awaited; a second SIGHUP lets
+//! them go on. Each signal is acknowledged once every bind begun before it has ended:
+//! `judging: none`, `judging: kernel`, `holding: N threads paused`, `going on`,
+//! `finishing: after N binds`.
 //!
 //! Prints `started: …` when the threads are released, then one line of figures
 //! (`binds=… ok=… refused=… wrong=… unjudged=… cases=… seconds=… binds_per_s=…`), and the
@@ -30,7 +34,7 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst},
         Arc, Barrier, Mutex,
     },
     time::{Duration, Instant},
@@ -46,6 +50,10 @@ const BY_KERNEL: u8 = 2;
 
 static JUDGE: AtomicU8 = AtomicU8::new(BY_FREEBIND);
 static FINISH: AtomicBool = AtomicBool::new(false);
+/// Set by the first SIGHUP, cleared by the next: threads wait before their next bind.
+static HOLDING: AtomicBool = AtomicBool::new(false);
+/// Threads waiting on [`HOLDING`].
+static PAUSED: AtomicUsize = AtomicUsize::new(0);
 
 /// One kind of bind and the outcome it must get under freebind.
 #[derive(Clone, Copy)]
@@ -170,6 +178,13 @@ fn main() {
                 let mut left: Option<u64> = None;
                 let mut i = 0usize;
                 while left != Some(0) {
+                    if HOLDING.load(SeqCst) {
+                        PAUSED.fetch_add(1, SeqCst);
+                        while HOLDING.load(SeqCst) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        PAUSED.fetch_sub(1, SeqCst);
+                    }
                     if left.is_none() && FINISH.load(SeqCst) {
                         left = Some(binds);
                     }
@@ -196,8 +211,20 @@ fn main() {
     while !FINISH.load(SeqCst) {
         match wait_signal(&signals) {
             libc::SIGINT => {
+                HOLDING.store(false, SeqCst);
                 FINISH.store(true, SeqCst);
                 println!("finishing: after {} binds", ended(&done));
+            }
+            libc::SIGHUP if !HOLDING.load(SeqCst) => {
+                HOLDING.store(true, SeqCst);
+                while PAUSED.load(SeqCst) < threads {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                println!("holding: {threads} threads paused");
+            }
+            libc::SIGHUP => {
+                HOLDING.store(false, SeqCst);
+                println!("going on");
             }
             sig => {
                 let (judge, what) = if sig == libc::SIGUSR1 {
@@ -376,13 +403,13 @@ fn raise_fd_limit(want: usize) {
     }
 }
 
-/// SIGUSR1, SIGUSR2 and SIGINT, blocked in the calling thread (and the threads it starts).
+/// SIGUSR1, SIGUSR2, SIGINT and SIGHUP, blocked in the calling thread (and the threads it starts).
 fn blocked_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, filled by sigemptyset before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGINT] {
+        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGINT, libc::SIGHUP] {
             libc::sigaddset(&mut set, s);
         }
         let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
