@@ -408,14 +408,22 @@ impl Agent {
             }
         }
         self.udp_pending.extend(udp_parked_in);
-        self.run_pending_udp();
         let dropped = status::read_counter(&self.events_dropped, 0);
         if dropped > self.dropped_seen {
             let event = Event::dropped(dropped - self.dropped_seen, dropped);
             log::warn!("{}", event.line());
             self.broadcast.send(&event);
             self.dropped_seen = dropped;
+            // A lost event may have been the only word of a parked UDP socket, which would
+            // then never enter its steering map: look in every namespace that steers.
+            self.udp_pending.extend(
+                self.served
+                    .iter()
+                    .filter(|s| s.steering.is_some())
+                    .map(|s| s.netns.cookie()),
+            );
         }
+        self.run_pending_udp();
     }
 
     /// Runs the UDP iterator where parked UDP sockets wait, at most once per

@@ -23,8 +23,8 @@ use freebind_e2e::{
     add_addr, bpf_program_ids_at, bpf_programs_attached, del_addr, ensure_bpffs, ensure_tools,
     poll_until, require_root,
     scenario::{
-        parked_sockets, try_bind, wait_listening, wait_parked, EADDRNOTAVAIL, PARKING_V6_PREFIX,
-        SETTLE,
+        is_parking, local_sockets, parked_sockets, try_bind, wait_listening, wait_parked,
+        EADDRNOTAVAIL, PARKING_V6_PREFIX, SETTLE,
     },
     spawn_in, tcp_request, tool, udp_request, unique_name, wait_for_log, wait_until, Agent, Cgroup,
     Daemon, Installation, Link, Netns, Proc,
@@ -322,21 +322,33 @@ fn sixty_four_threads_binding_at_once_each_get_the_right_outcome_and_leave_no_ma
     let steered_before = steered_now(&inst);
     let (threads, binds) = storm_size();
     let load = Storm::start(&ns, &cg, threads, binds);
-    // Its threads keep their latest sockets open: paused with them, the listening and UDP
-    // ones of steer mode must be in the steering map, so the map's return to its start
-    // below counts entries that were really made and removed. Paused, because UDP ones
-    // enter it through the agent, which 64 binding threads starve of CPU on a slow machine
-    // (an emulated guest): the entries would come and go between two looks.
+    // Its threads keep their latest sockets open: paused with them, every listening TCP
+    // and every UDP socket steer mode parked must be in the steering map (also those whose
+    // bind event the flood made the agent lose), so the map's return to its start below
+    // counts entries that were really made and removed. Paused, because UDP ones enter it
+    // through the agent, which 64 binding threads starve of CPU on a slow machine (an
+    // emulated guest): the entries would come and go between two looks.
     load.hold(true);
-    let mut now = steered_before;
+    let (mut now, mut parked) = (steered_before, (0, 0));
     let seen = poll_until(STORM_BOUND, || {
+        parked = (
+            local_sockets(&ns, "tcp")
+                .iter()
+                .filter(|s| is_parking(s))
+                .count(),
+            local_sockets(&ns, "udp")
+                .iter()
+                .filter(|s| is_parking(s))
+                .count(),
+        );
         now = steered_now(&inst);
-        now.0 > steered_before.0 && now.1 > steered_before.1
+        now == parked && parked.0 > 0 && parked.1 > 0
     });
     assert!(
         seen,
-        "steered TCP and UDP sockets held open by the paused storm not all in the steering \
-         map within {STORM_BOUND:?}: (TCP, UDP) before {steered_before:?}, now {now:?}"
+        "the paused storm's parked sockets not all in the steering map within \
+         {STORM_BOUND:?}: (TCP, UDP) parked {parked:?}, in the map {now:?} (before the \
+         storm {steered_before:?})"
     );
     load.hold(false);
     let (figures, _) = load.finish();
