@@ -37,6 +37,16 @@ pub(super) fn ensure(cache: &Path) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    let candidates = apt_candidates(&missing).unwrap_or_default();
+    if missing
+        .iter()
+        .any(|m| !candidates.iter().any(|c| c.name == *m))
+    {
+        apt_update(&format!(
+            "apt has no candidate for some of {}",
+            missing.join(", ")
+        ))?;
+    }
     let qemu = if missing.contains(&QEMU) {
         installed_qemu()?
     } else {
@@ -69,24 +79,14 @@ pub(super) fn ensure(cache: &Path) -> Result<()> {
                 );
             }
         }
-    } else {
-        let candidates = apt_candidates(&missing).unwrap_or_default();
-        if missing
-            .iter()
-            .any(|m| !candidates.iter().any(|c| c.name == *m))
-        {
-            apt_update(&format!(
-                "apt has no candidate for some of {}",
-                missing.join(", ")
-            ))?;
-        }
     }
     // --no-remove: apt aborts rather than remove a package of the host's to make room.
     let mut install = apt.command("apt-get");
     install.args(["install", "-y", "--no-install-recommends", "--no-remove"]);
     if let Some(suite) = &apt.backports {
-        // Only what must come from backports does: -t makes it the default release for
-        // this one install, and the versions asked for decide the rest.
+        // qemu's backported packages depend on backported ones (seabios, qemu-system-data)
+        // that apt would not pick by itself: -t prefers backports for what this one install
+        // brings in. Installed packages stay as they are (nothing asks to upgrade them).
         install.args(["-t", suite]);
     }
     step(
